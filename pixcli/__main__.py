@@ -1,0 +1,3 @@
+from pixcli.cli import main
+
+main()

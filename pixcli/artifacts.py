@@ -1,0 +1,164 @@
+"""On-disk formats: checkpoints, manifests and JSON files, all written atomically.
+
+A checkpoint (``model.pt``, ``last.pt``, ``best.pt``) is a plain dict of tensors and plain
+data, loaded with ``weights_only=True`` so that a checkpoint can never run code:
+
+``format``           "pixcli-checkpoint"
+``version``          format version (1)
+``model_config``     the Segmentor's configuration (``SegmentorConfig.to_dict()``)
+``classes``          class names, index = train id
+``palette``          one RGB triple per class
+``state_dict``       the model weights
+``step``             iterations done
+``train_state``      optional: optimiser states and whatever else resuming needs
+``meta``             optional plain data: stage, config, dataset fingerprints
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+import pixcli
+from pixcli.errors import UserError
+
+CHECKPOINT_FORMAT = "pixcli-checkpoint"
+CHECKPOINT_VERSION = 1
+
+
+def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
+    """Call ``write(tmp)`` on a temporary file beside ``path``, then rename it into place.
+
+    A crash leaves either the old file or the new one, never a half-written one.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_json(path: Path, data: Any) -> None:
+    atomic_write(path, lambda tmp: tmp.write_text(json.dumps(data, indent=2, default=str) + "\n"))
+
+
+def read_json(path: Path) -> Any:
+    if not path.is_file():
+        raise UserError(f"{path}: file not found")
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise UserError(f"{path}: not valid JSON ({exc})") from None
+
+
+def file_fingerprint(path: Path) -> str:
+    """Short sha256 of a file's content."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()[:16]
+
+
+def save_checkpoint(path: Path, checkpoint: dict) -> None:
+    """Write a checkpoint dict atomically (fills in the format name and version)."""
+    data = {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, **checkpoint}
+    atomic_write(path, lambda tmp: torch.save(data, tmp))
+
+
+def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dict:
+    """Load and check a pixcli checkpoint; any problem is a one-line ``UserError``."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: checkpoint not found")
+    try:
+        data = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as exc:  # torch raises many types for truncated or foreign files
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"{path}: not a readable checkpoint ({first[:200]})") from None
+    if not isinstance(data, dict) or data.get("format") != CHECKPOINT_FORMAT:
+        raise UserError(f"{path}: not a pixcli checkpoint")
+    if data.get("version", 0) > CHECKPOINT_VERSION:
+        raise UserError(f"{path}: checkpoint format {data['version']} is newer than this pixcli")
+    for key in ("model_config", "classes", "state_dict"):
+        if key not in data:
+            raise UserError(f"{path}: checkpoint lacks '{key}'")
+    return data
+
+
+def check_classes(path: Path, checkpoint: dict, classes: list[str] | tuple[str, ...]) -> None:
+    """Refuse a checkpoint whose class list is not the dataset's."""
+    if list(checkpoint["classes"]) != list(classes):
+        raise UserError(
+            f"{path}: checkpoint predicts {len(checkpoint['classes'])} classes "
+            f"({', '.join(checkpoint['classes'][:4])}, ...) but the data has {len(classes)} "
+            f"({', '.join(list(classes)[:4])}, ...)"
+        )
+
+
+def versions() -> dict[str, str]:
+    import timm
+
+    return {
+        "pixcli": pixcli.__version__,
+        "torch": torch.__version__,
+        "timm": timm.__version__,
+        "python": platform.python_version(),
+    }
+
+
+def write_manifest(
+    out_dir: Path,
+    stage: str,
+    config: dict,
+    inputs: dict[str, str],
+    results: dict,
+    wall_time_s: float,
+    complete: bool = True,
+) -> dict:
+    """``manifest.json``: what ran, on what, how long, and the headline numbers."""
+    manifest = {
+        "stage": stage,
+        "complete": complete,
+        "config": config,
+        "inputs": inputs,
+        "versions": versions(),
+        "wall_time_s": round(wall_time_s, 2),
+        "results": results,
+    }
+    write_json(out_dir / "manifest.json", manifest)
+    return manifest
+
+
+def finished_manifest(out_dir: Path, stage: str) -> dict | None:
+    """The manifest of a finished run of ``stage`` in ``out_dir``, or None."""
+    path = out_dir / "manifest.json"
+    if not path.is_file():
+        return None
+    manifest = read_json(path)
+    if manifest.get("stage") != stage:
+        raise UserError(f"{out_dir}: holds the output of '{manifest.get('stage')}', not '{stage}'")
+    return manifest if manifest.get("complete") else None
+
+
+def save_label_png(path: Path, label: np.ndarray, palette: np.ndarray) -> None:
+    """A train-id map as a palette PNG: pixel values are train ids, colours from ``palette``
+    ((256, 3) uint8), so the file is both viewable and exactly readable as labels."""
+    from PIL import Image
+
+    img = Image.fromarray(label.astype("uint8"), mode="P")
+    img.putpalette(palette.astype("uint8").reshape(-1).tolist())
+    atomic_write(path, lambda tmp: img.save(tmp, format="PNG"))

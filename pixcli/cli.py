@@ -1,0 +1,218 @@
+"""The ``pixcli`` command line: one thin command per stage.
+
+Each command parses its options into the stage's configuration (defaults < ``--config
+FILE.toml`` < ``--set KEY=VALUE`` < named options) and calls ``stages.<stage>.run``.
+Exit codes: 0 success, 2 user error (one line on stderr), 130 interrupted, 1 a bug.
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import typer
+
+from pixcli.config import load_config, parse_set_options
+from pixcli.engine.progress import console
+from pixcli.engine.trainer import Interrupted
+from pixcli.errors import UserError
+
+app = typer.Typer(
+    help="pixcli: domain-adaptive and label-efficient semantic segmentation.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+ConfigOpt = Annotated[
+    Path | None, typer.Option("--config", help="TOML file with settings (see examples/).")
+]
+DeviceOpt = Annotated[str, typer.Option("--device", help="auto, cpu or cuda.")]
+SeedOpt = Annotated[int | None, typer.Option("--seed", help="Random seed.")]
+SetOpt = Annotated[
+    list[str] | None,
+    typer.Option("--set", help="Any setting as KEY=VALUE, e.g. --set optim.lr=0.01 (repeatable)."),
+]
+OutOpt = Annotated[Path, typer.Option("--out", help="Output directory.")]
+
+
+def user_errors(fn: F) -> F:
+    """Turn a UserError into one line on stderr and exit code 2; Ctrl-C into exit 130."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except UserError as exc:
+            console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+            raise typer.Exit(2) from None
+        except (Interrupted, KeyboardInterrupt) as exc:
+            console.print(f"[yellow]{exc or 'interrupted'}[/]", highlight=False)
+            raise typer.Exit(130) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _overrides(sets: list[str] | None, named: dict[str, Any]) -> dict[str, Any]:
+    return {**parse_set_options(sets or []), **{k: v for k, v in named.items() if v is not None}}
+
+
+@app.command("make-benchmark")
+@user_errors
+def make_benchmark(
+    out: Annotated[Path, typer.Argument(help="Directory to write the benchmark into.")],
+    seed: Annotated[int, typer.Option(help="Random seed (same seed, same files).")] = 0,
+    size: Annotated[
+        str | None, typer.Option(help="Image size WxH, e.g. 256x128 (default: the demo's).")
+    ] = None,
+    n_source: Annotated[int | None, typer.Option(help="Source images.")] = None,
+    n_target_train: Annotated[int | None, typer.Option(help="Target train images.")] = None,
+    n_target_val: Annotated[int | None, typer.Option(help="Target val images.")] = None,
+) -> None:
+    """Draw the built-in synthetic-to-real street-scene benchmark.
+
+    Example: pixcli make-benchmark runs/bench --seed 0
+    """
+    from stages import make_benchmark as stage
+
+    stage.run(out, seed, size, n_source, n_target_train, n_target_val)
+
+
+@app.command()
+@user_errors
+def warmup(
+    source: Annotated[str | None, typer.Option(help="Labelled data, KIND:PATH.")] = None,
+    out: OutOpt = Path("runs/warmup"),
+    val: Annotated[str | None, typer.Option(help="Labelled validation data, KIND:PATH.")] = None,
+    target: Annotated[
+        str | None, typer.Option(help="Unlabelled target data for --adversarial, KIND:PATH.")
+    ] = None,
+    adversarial: Annotated[
+        bool | None,
+        typer.Option("--adversarial", help="Output-space adversarial warm-up (AdaptSegNet)."),
+    ] = None,
+    iterations: Annotated[int | None, typer.Option(help="Training iterations.")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="Images per batch.")] = None,
+    lr: Annotated[float | None, typer.Option(help="Backbone learning rate.")] = None,
+    backbone: Annotated[str | None, typer.Option(help="Any timm model name.")] = None,
+    head: Annotated[
+        str | None, typer.Option(help="Decode head: deeplabv2, deeplabv3plus or daformer.")
+    ] = None,
+    pretrained: Annotated[
+        bool | None, typer.Option("--pretrained", help="Start from timm's ImageNet weights.")
+    ] = None,
+    weights_file: Annotated[
+        Path | None, typer.Option(help="Start the backbone from a local weights file.")
+    ] = None,
+    config: ConfigOpt = None,
+    device: DeviceOpt = "auto",
+    seed: SeedOpt = None,
+    set_: SetOpt = None,
+) -> None:
+    """Train on labelled data (source-only, or a target oracle); resumable.
+
+    Example: pixcli warmup --source gta5:runs/bench/source --val cityscapes:runs/bench/target
+    --out runs/warmup --config examples/demo.toml
+    """
+    from stages import warmup as stage
+
+    named = {
+        "source": source, "val": val, "target": target, "adversarial.enabled": adversarial,
+        "loop.iterations": iterations, "batch_size": batch_size, "optim.lr": lr,
+        "model.backbone": backbone, "model.head": head, "model.pretrained": pretrained,
+        "model.weights_file": str(weights_file) if weights_file else None,
+        "device": device, "seed": seed,
+    }  # fmt: skip
+    cfg = load_config(stage.WarmupConfig, config, _overrides(set_, named))
+    stage.run(cfg, out)
+
+
+@app.command("eval")
+@user_errors
+def eval_(
+    checkpoint: Annotated[Path, typer.Option(help="A pixcli model.pt.")],
+    data: Annotated[str, typer.Option(help="Labelled data, KIND:PATH.")],
+    out: OutOpt = Path("runs/eval"),
+    split: Annotated[str | None, typer.Option(help="Split to evaluate.")] = None,
+    window: Annotated[
+        str | None, typer.Option(help="Sliding window HxW, e.g. 512x1024 (default: whole image).")
+    ] = None,
+    stride: Annotated[str | None, typer.Option(help="Window stride HxW.")] = None,
+    flip: Annotated[bool | None, typer.Option("--flip", help="Average with flipped input.")] = None,
+    save_predictions: Annotated[
+        bool | None, typer.Option("--save-predictions", help="Write palette PNGs.")
+    ] = None,
+    config: ConfigOpt = None,
+    device: DeviceOpt = "auto",
+    seed: SeedOpt = None,
+    set_: SetOpt = None,
+) -> None:
+    """Per-class IoU, mIoU, accuracies and the confusion matrix into metrics.json.
+
+    Example: pixcli eval --checkpoint runs/warmup/model.pt --data cityscapes:runs/bench/target
+    --out runs/eval
+    """
+    from stages import eval as stage
+
+    named = {
+        "data": data, "split": split, "eval.window": _hw(window, "--window"),
+        "eval.stride": _hw(stride, "--stride"), "eval.flip": flip,
+        "save_predictions": save_predictions, "device": device, "seed": seed,
+    }  # fmt: skip
+    cfg = load_config(stage.EvalConfig, config, _overrides(set_, named))
+    stage.run(cfg, checkpoint, out)
+
+
+@app.command()
+@user_errors
+def show(
+    path: Annotated[Path, typer.Argument(help="A checkpoint, manifest or metrics file.")],
+) -> None:
+    """Print a summary of any pixcli artifact."""
+    from stages import show as stage
+
+    stage.run(path)
+
+
+@app.command()
+@user_errors
+def demo(
+    out: OutOpt = Path("runs/demo"),
+    config: ConfigOpt = None,
+    device: DeviceOpt = "auto",
+    seed: SeedOpt = None,
+    set_: SetOpt = None,
+) -> None:
+    """Run every stage on the built-in benchmark and print target-val mIoU per model.
+
+    Example: pixcli demo --out runs/demo
+    """
+    from stages import demo as stage
+
+    cfg = load_config(stage.DemoConfig, config, _overrides(set_, {"device": device, "seed": seed}))
+    stage.run(cfg, out)
+
+
+def _hw(text: str | None, option: str) -> tuple[int, int] | None:
+    if text is None:
+        return None
+    try:
+        h, w = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise UserError(f"{option} {text!r}: expected HxW, e.g. 512x1024") from None
+    if h <= 0 or w <= 0:
+        raise UserError(f"{option} {text!r}: sizes must be positive")
+    return h, w
+
+
+def main() -> None:
+    app(prog_name="pixcli")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

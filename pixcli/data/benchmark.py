@@ -1,0 +1,526 @@
+"""The built-in benchmark: procedurally drawn street scenes in two domains.
+
+A *synthetic* source domain (flat saturated colours, clean edges, a high camera) is written
+in the GTA5 layout and a *real* target domain (other hues, textures, shading, shadows, sensor
+noise and blur, a lower camera with an ego-vehicle hood) in the Cityscapes layout::
+
+    OUT/source/images/00001.png          OUT/source/labels/00001.png        (labelIds)
+    OUT/target/leftImg8bit/{train,val}/{city}/{city}_{seq:06d}_000019_leftImg8bit.png
+    OUT/target/gtFine/{train,val}/{city}/{city}_{seq:06d}_000019_gtFine_labelIds.png
+    OUT/benchmark.json
+
+Both domains share the scene grammar (road to a vanishing point, sidewalks, facades, trees,
+poles with signs and lights, persons, cars), so shape and layout cues transfer while colour
+and texture cues do not. Every image has its own random stream derived from
+``(seed, domain, index)``: files are byte-identical for a seed.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFilter
+
+from pixcli.data.taxonomy import CITYSCAPES_CLASSES, IGNORE_INDEX, TRAINID_TO_LABELID
+from pixcli.errors import UserError
+
+ROAD, SIDEWALK, BUILDING, FENCE, POLE, LIGHT, SIGN = 0, 1, 2, 4, 5, 6, 7
+VEGETATION, TERRAIN, SKY, PERSON, CAR = 8, 9, 10, 11, 13
+EGO_VEHICLE_LABELID = 1
+FORMAT = "pixcli-benchmark"
+TARGET_CITIES = {"train": ("aachen", "bremen"), "val": ("frankfurt", "munster")}
+
+RGB = tuple[int, int, int]
+Range = tuple[float, float]
+
+
+@dataclass
+class BenchmarkConfig:
+    """How many images of which size; ``seed`` fixes every pixel."""
+
+    seed: int = 0
+    width: int = 256
+    height: int = 128
+    n_source: int = 400
+    n_target_train: int = 300
+    n_target_val: int = 100
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """Where things are: camera and object placement (sizes as fractions of the image)."""
+
+    horizon: Range  # horizon row / height
+    road: Range  # half width of the road at the bottom row / width
+    sidewalk: Range  # sidewalk width at the bottom row / width
+    facade: Range  # how fast facades grow from the vanishing point (height per width)
+    n_cars: tuple[int, int]
+    parked: float  # fraction of cars parked at the kerb
+    car_size: float  # car height at the bottom row / height
+    n_persons: tuple[int, int]
+    person_size: float
+    n_poles: tuple[int, int]
+    n_trees: tuple[int, int]
+    fence: float  # probability of a fence along a kerb
+    terrain: float  # probability of a grass verge on a side
+    hood: float  # ego-vehicle hood height / height (0: none)
+
+
+@dataclass(frozen=True)
+class Appearance:
+    """How things look: colours per train id, textures, light, camera."""
+
+    colours: dict[int, tuple[RGB, ...]]  # choices per train id, one per object instance
+    jitter: float  # per-instance colour noise (std, 0-255)
+    texture: float  # amplitude of the class textures
+    windows: tuple[int, float]  # window period (px at 256 wide), brightness change
+    shading: float  # strength of the global light gradient
+    brightness: Range
+    cast: float  # max per-channel gain deviation (colour cast)
+    shadows: tuple[int, int]
+    noise: float  # sensor noise std
+    blur: float  # Gaussian blur radius (px at 256 wide)
+
+
+@dataclass(frozen=True)
+class Domain:
+    """One domain: a name, its geometry and its appearance."""
+
+    name: str
+    geometry: Geometry
+    appearance: Appearance
+
+
+SYNTHETIC = Domain(
+    "synthetic",
+    Geometry(
+        horizon=(0.38, 0.50), road=(0.45, 0.65), sidewalk=(0.22, 0.34), facade=(0.25, 0.6),
+        n_cars=(1, 4), parked=0.2, car_size=0.32, n_persons=(0, 4), person_size=0.45,
+        n_poles=(1, 3), n_trees=(1, 4), fence=0.2, terrain=0.5, hood=0.0,
+    ),
+    Appearance(
+        colours={
+            ROAD: ((85, 80, 95),), SIDEWALK: ((175, 160, 150),),
+            BUILDING: ((185, 120, 85), (205, 185, 140), (150, 150, 170), (130, 95, 75)),
+            FENCE: ((150, 105, 70),), POLE: ((200, 200, 205),), LIGHT: ((40, 40, 35),),
+            SIGN: ((235, 225, 40),), VEGETATION: ((45, 165, 45), (70, 185, 40)),
+            TERRAIN: ((150, 205, 80),), SKY: ((90, 170, 250),),
+            PERSON: ((220, 40, 40), (40, 60, 220), (240, 200, 40), (40, 180, 90)),
+            CAR: ((210, 30, 30), (30, 80, 210), (240, 210, 30), (235, 235, 235), (30, 160, 60)),
+        },
+        jitter=8.0, texture=0.15, windows=(12, 50.0), shading=0.05, brightness=(0.95, 1.05),
+        cast=0.02, shadows=(0, 0), noise=0.0, blur=0.0,
+    ),
+)  # fmt: skip
+
+REAL = Domain(
+    "real",
+    Geometry(
+        horizon=(0.30, 0.42), road=(0.35, 0.5), sidewalk=(0.16, 0.28), facade=(0.35, 0.8),
+        n_cars=(2, 6), parked=0.6, car_size=0.26, n_persons=(1, 5), person_size=0.4,
+        n_poles=(2, 5), n_trees=(2, 6), fence=0.35, terrain=0.35, hood=0.08,
+    ),
+    Appearance(
+        colours={
+            ROAD: ((110, 105, 100),), SIDEWALK: ((135, 130, 135),),
+            BUILDING: ((115, 105, 100), (145, 135, 120), (95, 95, 100), (160, 150, 140)),
+            FENCE: ((130, 130, 120),), POLE: ((75, 75, 80),), LIGHT: ((55, 55, 40),),
+            SIGN: ((30, 75, 165), (200, 45, 45)), VEGETATION: ((70, 95, 45), (55, 80, 50)),
+            TERRAIN: ((135, 140, 90),), SKY: ((195, 205, 215), (170, 190, 210)),
+            PERSON: ((40, 40, 45), (90, 80, 70), (60, 70, 100), (150, 140, 130)),
+            CAR: ((60, 60, 65), (150, 150, 155), (210, 210, 210), (30, 40, 70), (100, 30, 30)),
+        },
+        jitter=14.0, texture=1.0, windows=(7, -45.0), shading=0.35, brightness=(0.7, 1.1),
+        cast=0.12, shadows=(1, 4), noise=7.0, blur=0.8,
+    ),
+)  # fmt: skip
+
+
+def _rng_for(seed: int, domain: int, index: int) -> np.random.Generator:
+    return np.random.default_rng(np.random.SeedSequence([seed, domain, index]))
+
+
+def _uniform(rng: np.random.Generator, r: Range) -> float:
+    return float(rng.uniform(r[0], r[1]))
+
+
+def _count(rng: np.random.Generator, r: tuple[int, int]) -> int:
+    return int(rng.integers(r[0], r[1] + 1))
+
+
+class _Scene:
+    """A label map and an instance map drawn together with the painter's algorithm."""
+
+    def __init__(self, width: int, height: int, look: Appearance, rng: np.random.Generator):
+        self.w, self.h, self.look, self.rng = width, height, look, rng
+        self.label = Image.new("L", (width, height), SKY)
+        self.inst = Image.new("L", (width, height), 0)
+        self._draw = (ImageDraw.Draw(self.label), ImageDraw.Draw(self.inst))
+        self.colours: list[np.ndarray] = []
+        self.instance(SKY)
+
+    def instance(self, cls: int, colour: RGB | np.ndarray | None = None) -> int:
+        """A new object of class ``cls`` with its own colour; returns its instance id."""
+        if colour is None:
+            choices = self.look.colours[cls]
+            colour = choices[int(self.rng.integers(len(choices)))]
+        jitter = self.rng.normal(0.0, self.look.jitter, 3)
+        self.colours.append(np.asarray(colour, dtype=np.float32) + jitter)
+        return min(len(self.colours) - 1, 255)
+
+    def paint(self, kind: str, xy: list, cls: int, inst: int) -> None:
+        """Draw a ``polygon``, ``ellipse`` or ``rectangle`` of class ``cls``."""
+        for draw, value in zip(self._draw, (cls, inst)):
+            getattr(draw, kind)(xy, fill=value)
+
+
+@dataclass
+class _Ground:
+    """The ground plane: lines through the vanishing point ``(xv, yh)``."""
+
+    xv: float
+    yh: float
+    w: int
+    h: int
+
+    def x(self, u: float, y: float) -> float:
+        """Column of the ground line that meets the bottom row at ``xv + u * w``, at row y."""
+        return self.xv + u * self.w * (y - self.yh) / (self.h - self.yh)
+
+    def depth(self, y: float) -> float:
+        """Perspective scale of an object standing at row y: 0 at the horizon, 1 at the bottom."""
+        return max(0.0, (y - self.yh) / (self.h - self.yh))
+
+    def strip(self, u0: float, u1: float) -> list[tuple[float, float]]:
+        """The ground polygon between two lines, from the horizon to below the bottom row."""
+        y = self.h + 1
+        return [(self.xv, self.yh), (self.x(u0, y), y), (self.x(u1, y), y)]
+
+
+def _draw_buildings(s: _Scene, g: _Ground, geo: Geometry) -> None:
+    """Facades on both sides, rising from the vanishing point towards the image edges."""
+    for side in (-1, 1):
+        slope = _uniform(s.rng, geo.facade)
+        a = 0.0
+        while a < s.w:
+            b = a + s.rng.uniform(0.08, 0.3) * s.w
+            k = slope * s.rng.uniform(0.6, 1.4)
+            base = s.rng.uniform(0.02, 0.1) * s.h
+            tops = [g.yh - base - k * a, g.yh - base - k * b]
+            if s.rng.random() < 0.2:  # a gap: sky shows through
+                a = b
+                continue
+            xy = [(g.xv + side * a, tops[0]), (g.xv + side * b, tops[1])]
+            xy += [(g.xv + side * b, s.h), (g.xv + side * a, s.h)]
+            s.paint("polygon", xy, BUILDING, s.instance(BUILDING))
+            a = b
+
+
+def _draw_ground(s: _Scene, g: _Ground, geo: Geometry) -> tuple[float, float]:
+    """Sidewalks (or grass verges) and the road with lane markings; returns the kerb lines."""
+    centre = s.rng.uniform(-0.08, 0.08)
+    half = _uniform(s.rng, geo.road)
+    kerbs = (centre - half, centre + half)
+    for side, kerb in zip((-1, 1), kerbs):
+        outer = kerb + side * _uniform(s.rng, geo.sidewalk)
+        s.paint("polygon", g.strip(kerb, outer), SIDEWALK, s.instance(SIDEWALK))
+        if s.rng.random() < geo.terrain:
+            verge = outer - side * s.rng.uniform(0.3, 0.7) * abs(outer - kerb)
+            s.paint("polygon", g.strip(verge, outer), TERRAIN, s.instance(TERRAIN))
+    s.paint("polygon", g.strip(*kerbs), ROAD, s.instance(ROAD))
+    paint = s.instance(ROAD, (225, 225, 215))
+    rows = np.linspace(g.yh + 2, s.h, 7)
+    for y0, y1 in zip(rows[0::2], rows[1::2]):
+        du = 0.012 * g.depth(y1) * s.w
+        s.paint("polygon", [(g.x(centre, y0), y0), (g.x(centre, y1) - du, y1),
+                            (g.x(centre, y1) + du, y1)], ROAD, paint)  # fmt: skip
+    return kerbs
+
+
+def _draw_fence(s: _Scene, g: _Ground, u: float) -> None:
+    """A low fence standing on the ground line ``u``, over part of its length."""
+    y0 = g.yh + s.rng.uniform(0.1, 0.4) * (s.h - g.yh)
+    y1 = min(s.h, y0 + s.rng.uniform(0.3, 0.8) * (s.h - g.yh))
+    tall = s.rng.uniform(0.15, 0.3)
+    xy = [(g.x(u, y0), y0), (g.x(u, y1), y1)]
+    xy += [(g.x(u, y1), y1 - tall * (y1 - g.yh)), (g.x(u, y0), y0 - tall * (y0 - g.yh))]
+    s.paint("polygon", xy, FENCE, s.instance(FENCE))
+
+
+def _draw_tree(s: _Scene, g: _Ground, x: float, y: float) -> None:
+    """A trunk and an elliptic crown (both vegetation) standing at (x, y)."""
+    d = g.depth(y)
+    r = s.rng.uniform(0.2, 0.35) * s.h * d + 1
+    trunk_h = s.rng.uniform(0.2, 0.35) * s.h * d
+    inst = s.instance(VEGETATION)
+    tw = max(1.0, 0.15 * r)
+    s.paint("rectangle", [x - tw / 2, y - trunk_h - r, x + tw / 2, y], VEGETATION, inst)
+    cy = y - trunk_h - r
+    s.paint("ellipse", [x - r, cy - 1.2 * r, x + r, cy + 0.8 * r], VEGETATION, inst)
+
+
+def _draw_pole(s: _Scene, g: _Ground, x: float, y: float) -> None:
+    """A thin pole carrying a traffic sign or a traffic light (or nothing)."""
+    d = g.depth(y)
+    height = s.rng.uniform(0.45, 0.7) * s.h * d
+    pw = max(1.0, 0.012 * s.w * d)
+    top = y - height
+    s.paint("rectangle", [x - pw / 2, top, x + pw / 2, y], POLE, s.instance(POLE))
+    kind = s.rng.random()
+    if kind < 0.45:
+        r = max(1.5, 0.05 * s.h * d)
+        shape = "ellipse" if s.rng.random() < 0.5 else "rectangle"
+        s.paint(shape, [x - r, top, x + r, top + 2 * r], SIGN, s.instance(SIGN))
+    elif kind < 0.85:
+        lw, lh = max(1.5, 0.03 * s.h * d), max(3.0, 0.1 * s.h * d)
+        s.paint("rectangle", [x - lw, top, x + lw, top + lh], LIGHT, s.instance(LIGHT))
+        lamp = s.instance(LIGHT, ((230, 40, 30), (240, 180, 30), (40, 220, 90))[int(kind * 9) % 3])
+        s.paint("ellipse", [x - lw * 0.6, top + lh * 0.1, x + lw * 0.6, top + lh * 0.35], LIGHT,
+                lamp)  # fmt: skip
+
+
+def _draw_person(s: _Scene, g: _Ground, x: float, y: float, size: float) -> None:
+    """Head, torso and legs; height proportional to the perspective depth."""
+    hgt = size * s.h * g.depth(y) * s.rng.uniform(0.8, 1.1)
+    if hgt < 4:
+        return
+    w = 0.28 * hgt
+    legs, body = s.instance(PERSON), s.instance(PERSON)
+    s.paint("rectangle", [x - w / 2, y - 0.5 * hgt, x + w / 2, y], PERSON, legs)
+    s.paint("rectangle", [x - w / 2, y - 0.85 * hgt, x + w / 2, y - 0.45 * hgt], PERSON, body)
+    head = s.instance(PERSON, (200, 160, 130))
+    s.paint("ellipse", [x - w / 3, y - hgt, x + w / 3, y - 0.82 * hgt], PERSON, head)
+
+
+def _draw_car(s: _Scene, g: _Ground, x: float, y: float, size: float) -> None:
+    """Body, cabin with dark windows and wheels, seen from behind; centred at column x."""
+    hgt = size * s.h * g.depth(y) * s.rng.uniform(0.85, 1.15)
+    if hgt < 3:
+        return
+    w = hgt * s.rng.uniform(1.5, 1.9)
+    body = s.instance(CAR)
+    s.paint("rectangle", [x - w / 2, y - 0.6 * hgt, x + w / 2, y - 0.12 * hgt], CAR, body)
+    s.paint("polygon", [(x - 0.42 * w, y - 0.58 * hgt), (x - 0.3 * w, y - hgt),
+                        (x + 0.3 * w, y - hgt), (x + 0.42 * w, y - 0.58 * hgt)], CAR, body)  # fmt: skip
+    glass = s.instance(CAR, s.colours[body] * 0.35 + 20)
+    s.paint("polygon", [(x - 0.36 * w, y - 0.62 * hgt), (x - 0.27 * w, y - 0.93 * hgt),
+                        (x + 0.27 * w, y - 0.93 * hgt), (x + 0.36 * w, y - 0.62 * hgt)], CAR,
+            glass)  # fmt: skip
+    tyre = s.instance(CAR, (25, 25, 25))
+    for cx in (x - 0.35 * w, x + 0.35 * w):
+        s.paint("rectangle", [cx - 0.1 * w, y - 0.2 * hgt, cx + 0.1 * w, y], CAR, tyre)
+
+
+def _draw_objects(s: _Scene, g: _Ground, geo: Geometry, kerbs: tuple[float, float]) -> None:
+    """Trees, poles, persons and cars, drawn from far to near."""
+    rows = lambda n: g.yh + (s.h - g.yh) * s.rng.uniform(0.08, 1.0, n)  # noqa: E731
+    side_u = lambda: kerbs[int(s.rng.integers(2))]  # noqa: E731
+    todo: list[tuple[float, Callable[[], None]]] = []
+    for y in rows(_count(s.rng, geo.n_trees)):
+        u = side_u() * s.rng.uniform(1.5, 1.9)
+        todo.append((y, lambda x=g.x(u, y), y=y: _draw_tree(s, g, x, y)))
+    for y in rows(_count(s.rng, geo.n_poles)):
+        u = side_u() * s.rng.uniform(1.05, 1.3)
+        todo.append((y, lambda x=g.x(u, y), y=y: _draw_pole(s, g, x, y)))
+    for y in rows(_count(s.rng, geo.n_persons)):
+        u = side_u() * s.rng.uniform(1.1, 1.6)
+        todo.append((y, lambda x=g.x(u, y), y=y: _draw_person(s, g, x, y, geo.person_size)))
+    for y in rows(_count(s.rng, geo.n_cars)):
+        if s.rng.random() < geo.parked:
+            u = side_u() * 0.82
+        else:
+            u = s.rng.uniform(kerbs[0] * 0.6, kerbs[1] * 0.6)
+        todo.append((y, lambda x=g.x(u, y), y=y: _draw_car(s, g, x, y, geo.car_size)))
+    for _, draw in sorted(todo, key=lambda item: item[0]):
+        draw()
+
+
+def _draw_hood(s: _Scene, hood: float) -> None:
+    """The ego vehicle's bonnet at the bottom (an ignore region, as in Cityscapes)."""
+    top = s.h * (1 - hood * s.rng.uniform(0.8, 1.2))
+    inst = s.instance(CAR, (30, 30, 35))
+    s.paint("ellipse", [-0.3 * s.w, top, 1.3 * s.w, s.h + 2 * (s.h - top)], IGNORE_INDEX, inst)
+
+
+def draw_scene(width: int, height: int, domain: Domain, rng: np.random.Generator) -> _Scene:
+    """Lay out one street scene of ``domain`` (labels and instances, no pixels yet)."""
+    geo = domain.geometry
+    s = _Scene(width, height, domain.appearance, rng)
+    g = _Ground(width * rng.uniform(0.4, 0.6), height * _uniform(rng, geo.horizon), width, height)
+    _draw_buildings(s, g, geo)
+    kerbs = _draw_ground(s, g, geo)
+    for u in kerbs:
+        if rng.random() < geo.fence:
+            _draw_fence(s, g, u * rng.uniform(1.6, 2.0))
+    _draw_objects(s, g, geo, kerbs)
+    if geo.hood > 0:
+        _draw_hood(s, geo.hood)
+    return s
+
+
+def _noise(rng: np.random.Generator, h: int, w: int, cell: float) -> np.ndarray:
+    """Smooth value noise in about [-1, 1] with features of ``cell`` pixels."""
+    gh, gw = int(h / cell) + 2, int(w / cell) + 2
+    coarse = Image.fromarray(rng.uniform(-1, 1, (gh, gw)).astype(np.float32), mode="F")
+    return np.asarray(coarse.resize((w, h), Image.BILINEAR), dtype=np.float32)
+
+
+def _textures(label: np.ndarray, look: Appearance, rng: np.random.Generator) -> np.ndarray:
+    """Additive brightness per pixel: class textures (noise, windows, tiles, clouds)."""
+    h, w = label.shape
+    scale = w / 256
+    out = np.zeros((h, w), dtype=np.float32)
+    for cls, cell, amp in ((VEGETATION, 2, 45), (TERRAIN, 3, 25), (ROAD, 1.5, 12),
+                           (SKY, 24, 30), (BUILDING, 6, 15), (SIDEWALK, 2, 10)):  # fmt: skip
+        mask = label == cls
+        out[mask] += look.texture * amp * _noise(rng, h, w, max(1.0, cell * scale))[mask]
+    yy, xx = np.mgrid[0:h, 0:w]
+    period = max(3, round(look.windows[0] * scale))
+    windows = (yy % period < period * 0.5) & (xx % period < period * 0.5) & (label == BUILDING)
+    out[windows] += look.windows[1]
+    tiles = ((yy % period == 0) | (xx % (2 * period) == 0)) & (label == SIDEWALK)
+    out[tiles] -= 30 * look.texture
+    return out
+
+
+def _shadows(s: _Scene, n: int, rng: np.random.Generator) -> np.ndarray:
+    """A multiplicative light map with ``n`` cast shadows across the ground."""
+    layer = Image.new("L", (s.w, s.h), 0)
+    draw = ImageDraw.Draw(layer)
+    for _ in range(n):
+        y0 = rng.uniform(0.4, 0.9) * s.h
+        y1 = y0 + rng.uniform(0.05, 0.25) * s.h
+        x0, x1 = sorted(rng.uniform(-0.2, 1.2, 2) * s.w)
+        skew = rng.uniform(-0.3, 0.3) * s.w
+        draw.polygon([(x0, y0), (x1, y0), (x1 + skew, y1), (x0 + skew, y1)], fill=255)
+    ground = np.isin(np.asarray(s.label), (ROAD, SIDEWALK, TERRAIN))
+    return 1.0 - 0.45 * (np.asarray(layer, dtype=np.float32) / 255) * ground
+
+
+def render(s: _Scene, look: Appearance, rng: np.random.Generator) -> np.ndarray:
+    """Colour a scene in a domain's style; returns an (H, W, 3) uint8 image."""
+    label = np.asarray(s.label)
+    img = np.stack(s.colours)[np.asarray(s.inst)]
+    img += _textures(label, look, rng)[..., None]
+    ramp = np.linspace(-0.5, 0.5, s.h, dtype=np.float32)[:, None] * rng.choice((-1, 1))
+    side = np.linspace(-0.5, 0.5, s.w, dtype=np.float32)[None, :] * rng.uniform(-1, 1)
+    img *= (1 + look.shading * (ramp + side))[..., None]
+    img *= _shadows(s, _count(rng, look.shadows), rng)[..., None]
+    gain = _uniform(rng, look.brightness) * (1 + rng.uniform(-look.cast, look.cast, 3))
+    img = np.clip(img * gain.astype(np.float32), 0, 255).astype(np.uint8)
+    if look.blur > 0:
+        radius = look.blur * s.w / 256 * rng.uniform(0.7, 1.3)
+        img = np.asarray(Image.fromarray(img).filter(ImageFilter.GaussianBlur(radius)))
+    if look.noise > 0:
+        img = img + rng.normal(0, look.noise, img.shape).astype(np.float32)
+    return np.clip(img, 0, 255).astype(np.uint8)
+
+
+def make_sample(
+    cfg: BenchmarkConfig, domain: Domain, domain_index: int, index: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """One image (H, W, 3 uint8) and its Cityscapes labelIds (H, W uint8)."""
+    rng = _rng_for(cfg.seed, domain_index, index)
+    scene = draw_scene(cfg.width, cfg.height, domain, rng)
+    image = render(scene, domain.appearance, rng)
+    return image, _LABELIDS[np.asarray(scene.label)]
+
+
+def _labelid_table() -> np.ndarray:
+    table = np.zeros(256, dtype=np.uint8)
+    for train_id, label_id in TRAINID_TO_LABELID.items():
+        table[train_id] = label_id
+    table[IGNORE_INDEX] = EGO_VEHICLE_LABELID
+    return table
+
+
+_LABELIDS = _labelid_table()
+_LABELID_TO_TRAINID = np.full(256, IGNORE_INDEX, dtype=np.uint8)
+_LABELID_TO_TRAINID[list(TRAINID_TO_LABELID.values())] = list(TRAINID_TO_LABELID)
+
+
+def _jobs(out: Path, cfg: BenchmarkConfig) -> list[tuple[str, int, Path, Path]]:
+    """(split, index, image path, label path) for every file of the benchmark."""
+    jobs = []
+    for i in range(cfg.n_source):
+        name = f"{i + 1:05d}.png"
+        jobs.append(("source", i, out / "source/images" / name, out / "source/labels" / name))
+    for split, n in (("train", cfg.n_target_train), ("val", cfg.n_target_val)):
+        cities = TARGET_CITIES[split]
+        for i in range(n):
+            city, seq = cities[i % len(cities)], i // len(cities)
+            stem = f"{city}/{city}_{seq:06d}_000019"
+            jobs.append((split, i, out / f"target/leftImg8bit/{split}/{stem}_leftImg8bit.png",
+                         out / f"target/gtFine/{split}/{stem}_gtFine_labelIds.png"))  # fmt: skip
+    return jobs
+
+
+def _check_out(out: Path) -> None:
+    """Refuse a file, or a non-empty directory that is not a previous benchmark."""
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{out}: exists and is not a directory")
+    if out.is_dir() and any(out.iterdir()):
+        meta = out / "benchmark.json"
+        try:
+            ok = json.loads(meta.read_text()).get("format") == FORMAT
+        except (OSError, ValueError, AttributeError):
+            ok = False
+        if not ok:
+            raise UserError(f"{out}: directory is not empty and is not a pixcli benchmark")
+
+
+def _remove_stale(out: Path, written: set[Path]) -> None:
+    """Delete PNGs of an earlier, larger benchmark in the same directory."""
+    for sub in ("source", "target"):
+        for path in (out / sub).rglob("*.png"):
+            if path not in written:
+                path.unlink()
+
+
+def make_benchmark(
+    out: Path, cfg: BenchmarkConfig, progress: Callable[[int, int], None] | None = None
+) -> dict:
+    """Write the benchmark into ``out`` and return what ``out/benchmark.json`` records.
+
+    ``progress(done, total)`` is called after every image. Raises :class:`UserError` for a
+    non-empty ``out`` that is not a previous benchmark (that one is overwritten).
+    """
+    if min(cfg.width, cfg.height) < 16:
+        raise UserError(f"benchmark images must be at least 16x16, not {cfg.width}x{cfg.height}")
+    out = Path(out)
+    _check_out(out)
+    out.mkdir(parents=True, exist_ok=True)
+    meta_path = out / "benchmark.json"
+    meta: dict = {"format": FORMAT, "version": 1, "complete": False, "config": asdict(cfg)}
+    meta_path.write_text(json.dumps(meta, indent=2) + "\n")
+    jobs = _jobs(out, cfg)
+    counts = {split: np.zeros(256, dtype=np.int64) for split in ("source", "train", "val")}
+    for done, (split, index, image_path, label_path) in enumerate(jobs, 1):
+        domain = SYNTHETIC if split == "source" else REAL
+        image, labels = make_sample(cfg, domain, ("source", "train", "val").index(split), index)
+        counts[split] += np.bincount(_LABELID_TO_TRAINID[labels].ravel(), minlength=256)
+        for path, array in ((image_path, image), (label_path, labels)):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(array).save(path)
+        if progress is not None:
+            progress(done, len(jobs))
+    _remove_stale(out, {p for job in jobs for p in job[2:]})
+    present = sorted(i for i in range(len(CITYSCAPES_CLASSES)) if any(c[i] for c in counts.values()))
+    fractions = {
+        name: {CITYSCAPES_CLASSES[i]: round(float(c[i] / max(1, c.sum())), 6) for i in present}
+        for name, c in (("source", counts["source"]), ("target_train", counts["train"]),
+                        ("target_val", counts["val"]))
+    }  # fmt: skip
+    meta.update(
+        complete=True,
+        classes=[CITYSCAPES_CLASSES[i] for i in present],
+        train_ids=present,
+        pixel_fractions=fractions,
+        specs={"source": f"gta5:{out / 'source'}", "target": f"cityscapes:{out / 'target'}"},
+    )
+    meta_path.write_text(json.dumps(meta, indent=2) + "\n")
+    return meta

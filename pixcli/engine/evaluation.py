@@ -1,0 +1,59 @@
+"""Evaluate a model on a labelled dataset: predictions, confusion matrix, metrics.
+
+Under torchrun each rank takes every ``world_size``-th image and the confusion matrices
+are summed, so the metrics equal a one-process run.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from pixcli.data.readers import SegDataset
+from pixcli.data.transforms import normalize
+from pixcli.engine.inference import InferenceConfig, predict_logits
+from pixcli.engine.metrics import SegEvaluator
+from pixcli.engine.progress import make_progress
+from pixcli.engine.runtime import Runtime
+
+PredictionHook = Callable[[str, np.ndarray], None]
+
+
+def evaluate_dataset(
+    model: nn.Module,
+    dataset: SegDataset,
+    infer: InferenceConfig,
+    runtime: Runtime,
+    on_prediction: PredictionHook | None = None,
+    show_progress: bool = True,
+) -> dict:
+    """Metrics of ``model`` on ``dataset`` (which must have labels); see ``engine.metrics``.
+
+    ``on_prediction(name, pred)`` is called with each predicted train-id map (uint8).
+    """
+    was_training = model.training
+    model.eval()
+    evaluator = SegEvaluator(dataset.taxonomy.classes, dataset.taxonomy.subsets())
+    indices = range(runtime.rank, len(dataset), runtime.world_size)
+    with make_progress(show_progress and runtime.is_main) as progress:
+        task = progress.add_task("eval", total=len(indices), rate="", info="")
+        for i in indices:
+            image, label, name = dataset[i]
+            x = normalize(image).unsqueeze(0).to(runtime.device)
+            with runtime.autocast():
+                pred = predict_logits(model, x, infer).argmax(1)[0].cpu()
+            if label is not None:
+                evaluator.process(pred, torch.from_numpy(label))
+            if on_prediction is not None:
+                on_prediction(name, pred.numpy().astype(np.uint8))
+            progress.advance(task)
+    if runtime.distributed:
+        conf = evaluator.conf.to(runtime.device)
+        dist.all_reduce(conf)
+        evaluator.conf = conf.cpu()
+    model.train(was_training)
+    return evaluator.evaluate()

@@ -1,0 +1,87 @@
+"""Whole-image and sliding-window inference.
+
+The sliding window follows mmseg's ``slide_inference``: windows step by ``stride``; the last
+window in each direction is shifted back inside the image; the logits of all windows are
+summed into the full-size map together with a count matrix, and divided by the count
+before any softmax. Images smaller than the window are one window of their own size.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass
+class InferenceConfig:
+    """How to predict a whole image. ``window=None`` means whole-image inference."""
+
+    window: tuple[int, int] | None = None  # (h, w)
+    stride: tuple[int, int] | None = None  # default: 2/3 of the window, as mmseg's configs
+    window_batch: int = 8  # windows per forward pass
+    flip: bool = False  # average with the horizontally flipped prediction
+
+
+def upsampled_logits(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The model's logits bilinearly resized to the input's size."""
+    logits = model(x).logits
+    return F.interpolate(logits.float(), size=x.shape[-2:], mode="bilinear", align_corners=False)
+
+
+def window_starts(size: int, window: int, stride: int) -> list[int]:
+    """Start offsets along one axis; the last window is shifted back inside the image."""
+    if size <= window:
+        return [0]
+    n = (size - window + stride - 1) // stride + 1
+    return [min(i * stride, size - window) for i in range(n)]
+
+
+def slide_logits(
+    model: nn.Module, x: torch.Tensor, window: tuple[int, int], stride: tuple[int, int], batch: int
+) -> torch.Tensor:
+    """Sliding-window logits (B, C, H, W), averaged where windows overlap."""
+    _, _, h, w = x.shape
+    wh, ww = min(window[0], h), min(window[1], w)
+    boxes = [
+        (y, xx) for y in window_starts(h, wh, stride[0]) for xx in window_starts(w, ww, stride[1])
+    ]
+    total: torch.Tensor | None = None
+    count = torch.zeros(1, 1, h, w, device=x.device)
+    for img in range(x.shape[0]):
+        for start in range(0, len(boxes), batch):
+            chunk = boxes[start : start + batch]
+            crops = torch.cat([x[img : img + 1, :, y : y + wh, c : c + ww] for y, c in chunk])
+            out = upsampled_logits(model, crops)
+            if total is None:
+                total = torch.zeros(x.shape[0], out.shape[1], h, w, device=x.device)
+            for (y, c), logit in zip(chunk, out, strict=True):
+                total[img, :, y : y + wh, c : c + ww] += logit
+                if img == 0:
+                    count[..., y : y + wh, c : c + ww] += 1
+    assert total is not None
+    return total / count
+
+
+@torch.no_grad()
+def predict_logits(model: nn.Module, x: torch.Tensor, cfg: InferenceConfig) -> torch.Tensor:
+    """Logits at input resolution, whole-image or sliding window, optionally flip-averaged."""
+
+    def once(inp: torch.Tensor) -> torch.Tensor:
+        if cfg.window is None:
+            return upsampled_logits(model, inp)
+        stride = cfg.stride or (max(1, cfg.window[0] * 2 // 3), max(1, cfg.window[1] * 2 // 3))
+        return slide_logits(model, inp, cfg.window, stride, cfg.window_batch)
+
+    logits = once(x)
+    if cfg.flip:
+        logits = (logits + once(x.flip(-1)).flip(-1)) / 2
+    return logits
+
+
+@torch.no_grad()
+def predict_probs(model: nn.Module, x: torch.Tensor, cfg: InferenceConfig) -> torch.Tensor:
+    """Softmax probabilities at input resolution (B, C, H, W)."""
+    return predict_logits(model, x, cfg).softmax(dim=1)

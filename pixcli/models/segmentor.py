@@ -1,0 +1,159 @@
+"""The segmentation model: timm backbone + decode head + classifier (+ projection head)."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from pixcli.errors import UserError
+from pixcli.models.backbone import OUTPUT_STRIDES, Backbone, create_backbone
+from pixcli.models.heads import HEADS, ProjectionHead
+
+
+@dataclass
+class SegmentorConfig:
+    """Architecture of a :class:`Segmentor`; plain data, stored in checkpoints.
+
+    Attributes:
+        backbone: any timm model name (``pvt_v2_b5`` is MiT-B5, DAFormer's encoder).
+        head: a key of :data:`pixcli.models.HEADS`.
+        num_classes: number of classes of the classifier.
+        pretrained: load timm's registry weights into the backbone.
+        weights_file: local backbone weights (SegFormer ``mit_b*.pth``, timm ``.pth`` or
+            ``.safetensors``); takes precedence over ``pretrained``.
+        output_stride: passed to timm when set (8 or 16 dilate ResNets; None = model's own).
+        feature_dim: channels D of the decoder pixel features.
+        proj_dim: size of the projection head (PGPC/PiXL: 256); None = no projection head.
+        dropout: channel dropout before the classifier.
+    """
+
+    backbone: str = "resnet18"
+    head: str = "deeplabv2"
+    num_classes: int = 19
+    pretrained: bool = False
+    weights_file: str | None = None
+    output_stride: int | None = None
+    feature_dim: int = 256
+    proj_dim: int | None = None
+    dropout: float = 0.1
+
+    def __post_init__(self) -> None:
+        problem = self._problem()
+        if problem:
+            raise UserError(f"model config: {problem}")
+
+    def _problem(self) -> str | None:
+        if self.head not in HEADS:
+            return f"unknown head '{self.head}' (choose from {', '.join(HEADS)})"
+        if self.num_classes < 1:
+            return f"num_classes must be >= 1, got {self.num_classes}"
+        if self.output_stride is not None and self.output_stride not in OUTPUT_STRIDES:
+            return f"output_stride must be one of {OUTPUT_STRIDES} or unset, got {self.output_stride}"
+        if self.feature_dim < 1:
+            return f"feature_dim must be >= 1, got {self.feature_dim}"
+        if self.proj_dim is not None and self.proj_dim < 1:
+            return f"proj_dim must be >= 1 or unset, got {self.proj_dim}"
+        if not 0.0 <= self.dropout < 1.0:
+            return f"dropout must be in [0, 1), got {self.dropout}"
+        return None
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain-data form (for checkpoints and manifests)."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> SegmentorConfig:
+        """Inverse of :meth:`to_dict`; missing keys take their defaults."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise UserError(f"model config: unknown option(s) {', '.join(unknown)}")
+        return cls(**d)
+
+
+@dataclass
+class SegOutput:
+    """What a :class:`Segmentor` returns; all maps at ``Segmentor.output_stride``.
+
+    Attributes:
+        logits: ``B x num_classes x h x w`` class scores, not upsampled.
+        features: ``B x feature_dim x h x w`` decoder pixel features (classifier input).
+        proj: ``B x proj_dim x h x w`` L2-normalised projections, or None without a
+            projection head.
+    """
+
+    logits: Tensor
+    features: Tensor
+    proj: Tensor | None = None
+
+
+# A pytree node, so DDP (find_unused_parameters) and torch.export see the tensors inside.
+torch.export.register_dataclass(SegOutput, serialized_type_name="pixcli.models.SegOutput")
+
+
+class Segmentor(nn.Module):
+    """Backbone -> decode head -> features -> {classifier -> logits, projection -> proj}.
+
+    Attributes:
+        config: the architecture.
+        output_stride: stride of ``logits`` wrt the input.
+        backbone, decoder, classifier, projector: the parts (``projector`` may be None).
+    """
+
+    def __init__(self, config: SegmentorConfig, backbone: Backbone) -> None:
+        super().__init__()
+        self.config = config
+        self.backbone = backbone
+        self.decoder = HEADS[config.head](backbone.channels, backbone.reductions, config.feature_dim)
+        self.classifier = nn.Sequential(
+            nn.Dropout2d(config.dropout),
+            nn.Conv2d(config.feature_dim, config.num_classes, 1),
+        )
+        nn.init.normal_(self.classifier[1].weight, std=0.01)
+        nn.init.zeros_(self.classifier[1].bias)
+        self.projector = (
+            ProjectionHead(config.feature_dim, config.proj_dim) if config.proj_dim else None
+        )
+        self.output_stride: int = self.decoder.output_stride
+
+    def forward(self, x: Tensor) -> SegOutput:
+        features = self.decoder(self.backbone(x))
+        proj = self.projector(features) if self.projector is not None else None
+        return SegOutput(logits=self.classifier(features), features=features, proj=proj)
+
+    def param_groups(self, lr: float, head_lr_mult: float = 10.0) -> list[dict[str, Any]]:
+        """Optimizer groups: backbone at ``lr``, every head at ``lr * head_lr_mult``.
+
+        The 10x head learning rate is the papers' convention (DeepLab/ProDA/CPSL for SGD,
+        DAFormer/PGPC/PiXL for AdamW). Each group carries ``name`` and ``lr_mult`` for
+        schedulers.
+        """
+        backbone = list(self.backbone.parameters())
+        in_backbone = {id(p) for p in backbone}
+        heads = [p for p in self.parameters() if id(p) not in in_backbone]
+        return [
+            {"name": "backbone", "params": backbone, "lr": lr, "lr_mult": 1.0},
+            {"name": "heads", "params": heads, "lr": lr * head_lr_mult, "lr_mult": head_lr_mult},
+        ]
+
+
+def build_segmentor(cfg: SegmentorConfig, *, load_weights: bool = True) -> Segmentor:
+    """Create the :class:`Segmentor` described by ``cfg``.
+
+    Args:
+        cfg: the architecture.
+        load_weights: False skips ``pretrained``/``weights_file`` (random backbone); use it
+            when a checkpoint's state_dict is loaded next, so a checkpoint made elsewhere
+            needs neither internet nor the original weights file.
+    """
+    backbone = create_backbone(
+        cfg.backbone,
+        pretrained=cfg.pretrained and load_weights,
+        weights_file=cfg.weights_file if load_weights else None,
+        output_stride=cfg.output_stride,
+    )
+    return Segmentor(cfg, backbone)

@@ -1,0 +1,65 @@
+"""``pixcli eval``: metrics of a checkpoint on labelled data, with sliding-window inference."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from pixcli.artifacts import (
+    file_fingerprint,
+    read_json,
+    save_label_png,
+    write_json,
+    write_manifest,
+)
+from pixcli.config import to_dict
+from pixcli.engine.evaluation import evaluate_dataset
+from pixcli.engine.inference import InferenceConfig
+from pixcli.engine.runtime import setup_runtime, shutdown
+from pixcli.errors import UserError
+from pixcli.reporting import metrics_table, print_table
+from stages.common import Timer, load_model_for, open_labelled, prepare_out_dir
+
+
+@dataclass
+class EvalConfig:
+    data: str = ""  # KIND:PATH, labelled
+    split: str = "val"
+    seed: int = 0
+    device: str = "auto"
+    amp: bool = True
+    save_predictions: bool = False  # palette PNGs in OUT/predictions/
+    eval: InferenceConfig = field(default_factory=InferenceConfig)
+
+
+def run(cfg: EvalConfig, checkpoint: Path, out: Path) -> dict:
+    """Write ``metrics.json`` and ``manifest.json`` into ``out``; return the metrics."""
+    if not cfg.data:
+        raise UserError("--data is required (KIND:PATH of labelled images)")
+    timer = Timer()
+    dataset = open_labelled(cfg.data, cfg.split, "--data")
+    inputs = {"checkpoint": file_fingerprint(checkpoint), "data": dataset.fingerprint()}
+    done = prepare_out_dir(out, "eval", inputs)
+    if done is not None:
+        return read_json(out / "metrics.json")
+    runtime = setup_runtime(cfg.device, cfg.amp, cfg.seed)
+    model, _ = load_model_for(checkpoint, dataset, runtime)
+    palette = dataset.taxonomy.palette_array()
+
+    def save(name: str, pred: np.ndarray) -> None:
+        save_label_png(out / "predictions" / f"{name}.png", pred, palette)
+
+    metrics = evaluate_dataset(
+        model, dataset, cfg.eval, runtime, on_prediction=save if cfg.save_predictions else None
+    )
+    if runtime.is_main:
+        write_json(out / "metrics.json", metrics)
+        headline = {
+            k: metrics[k] for k in ("mIoU", "mIoU16", "mIoU13", "mAcc", "aAcc") if k in metrics
+        }
+        write_manifest(out, "eval", to_dict(cfg), inputs, headline, timer.seconds())
+        print_table(metrics_table(metrics, f"{checkpoint} on {cfg.data} ({cfg.split})"))
+    shutdown(runtime)
+    return metrics

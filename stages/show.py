@@ -1,0 +1,99 @@
+"""``pixcli show PATH``: a summary of any pixcli artifact."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from rich.table import Table
+
+from pixcli.artifacts import load_checkpoint, read_json
+from pixcli.errors import UserError
+from pixcli.reporting import metrics_table, print_table, stdout
+
+
+def run(path: Path) -> None:
+    if not path.exists():
+        raise UserError(f"{path}: not found")
+    if path.is_dir():
+        if not (path / "manifest.json").is_file():
+            raise UserError(f"{path}: a directory without manifest.json")
+        path = path / "manifest.json"
+    if path.suffix == ".pt":
+        show_checkpoint(path)
+    elif path.suffix in (".h5", ".hdf5"):
+        show_hdf5(path)
+    elif path.suffix == ".json":
+        data = read_json(path)
+        if isinstance(data, dict) and "per_class" in data:
+            print_table(metrics_table(data, str(path)))
+        elif isinstance(data, dict) and "stage" in data:
+            show_manifest(path, data)
+        else:
+            stdout.print_json(json.dumps(data, default=str))
+    else:
+        raise UserError(f"{path}: not a pixcli artifact (.pt, .h5, manifest.json, metrics.json)")
+
+
+def _kv_table(title: str, rows: dict) -> Table:
+    table = Table(title=title, show_header=False)
+    table.add_column("key", style="bold")
+    table.add_column("value")
+    for key, value in rows.items():
+        table.add_row(key, value if isinstance(value, str) else json.dumps(value, default=str))
+    return table
+
+
+def show_checkpoint(path: Path) -> None:
+    ckpt = load_checkpoint(path)
+    n_params = sum(t.numel() for t in ckpt["state_dict"].values() if hasattr(t, "numel"))
+    meta = ckpt.get("meta", {})
+    rows = {
+        "format": f"{ckpt['format']} v{ckpt['version']}",
+        "stage": meta.get("stage", "?"),
+        "step": str(ckpt.get("step", "?")),
+        "model": ckpt["model_config"],
+        "classes": f"{len(ckpt['classes'])}: {', '.join(ckpt['classes'])}",
+        "parameters": f"{n_params:,}",
+        "resumable": "yes" if "train_state" in ckpt else "no (weights only)",
+        "inputs": meta.get("inputs", {}),
+    }
+    print_table(_kv_table(str(path), rows))
+
+
+def show_manifest(path: Path, data: dict) -> None:
+    rows = {
+        "stage": data["stage"],
+        "complete": str(data.get("complete")),
+        "wall time (s)": str(data.get("wall_time_s")),
+        "inputs": data.get("inputs", {}),
+        "versions": data.get("versions", {}),
+        **{f"result: {k}": v for k, v in data.get("results", {}).items()},
+    }
+    print_table(_kv_table(str(path), rows))
+
+
+def show_hdf5(path: Path) -> None:
+    import h5py
+
+    try:
+        fh = h5py.File(path, "r")
+    except OSError as exc:
+        raise UserError(f"{path}: not a readable HDF5 file ({exc})") from None
+    with fh:
+        rows: dict = {f"attr {k}": _attr(v) for k, v in fh.attrs.items()}
+
+        def visit(name: str, obj: object) -> None:
+            if isinstance(obj, h5py.Dataset) and len(rows) < 60:
+                rows[name] = f"{obj.dtype} {obj.shape}"
+
+        fh.visititems(visit)
+    print_table(_kv_table(str(path), rows))
+
+
+def _attr(value: object) -> str:
+    if hasattr(value, "tolist"):
+        value = value.tolist()  # type: ignore[union-attr]
+    if isinstance(value, bytes):
+        value = value.decode()
+    return str(value)[:200]

@@ -1,0 +1,176 @@
+"""``pixcli warmup``: source-only (or target-oracle) training, optionally with output-space
+adversarial alignment (AdaptSegNet), the warm-up that CPSL and ProDA start from."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from pixcli.artifacts import write_manifest
+from pixcli.config import to_dict
+from pixcli.data.readers import open_dataset
+from pixcli.data.training_set import SegTrainSet, infinite_loader
+from pixcli.data.transforms import AugmentConfig
+from pixcli.engine.evaluation import evaluate_dataset
+from pixcli.engine.inference import InferenceConfig
+from pixcli.engine.optim import OptimConfig, build_optimizer
+from pixcli.engine.runtime import setup_runtime, shutdown, unwrap, wrap_ddp
+from pixcli.engine.trainer import LoopConfig, TrainLoop
+from pixcli.errors import UserError
+from pixcli.losses.adversarial import (
+    discriminator_loss,
+    generator_adversarial_loss,
+    softmax_map,
+)
+from pixcli.models import SegmentorConfig, build_segmentor
+from pixcli.models.discriminator import OutputDiscriminator
+from stages.common import Timer, open_labelled, prepare_out_dir
+
+
+@dataclass
+class AdversarialConfig:
+    """Output-space adversarial warm-up (AdaptSegNet; weights as the ProDA authors give)."""
+
+    enabled: bool = False
+    weight: float = 0.01  # lambda_adv for the segmentor (ProDA authors, LSGAN)
+    lr: float = 1e-4  # discriminator Adam lr (AdaptSegNet)
+    ndf: int = 64
+
+
+@dataclass
+class WarmupConfig:
+    source: str = ""  # KIND:PATH, labelled
+    source_split: str = "train"
+    val: str | None = None  # KIND:PATH, labelled; validated every loop.eval_every steps
+    val_split: str = "val"
+    target: str | None = None  # KIND:PATH, unlabelled target (adversarial only)
+    target_split: str = "train"
+    seed: int = 0
+    device: str = "auto"
+    amp: bool = True
+    batch_size: int = 8
+    num_workers: int = 2
+    model: SegmentorConfig = field(default_factory=SegmentorConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    loop: LoopConfig = field(default_factory=LoopConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    adversarial: AdversarialConfig = field(default_factory=AdversarialConfig)
+    eval: InferenceConfig = field(default_factory=InferenceConfig)
+
+
+def run(cfg: WarmupConfig, out: Path) -> dict:
+    """Train, write ``model.pt`` (+ ``best.pt`` with --val), ``manifest.json``; return it."""
+    if not cfg.source:
+        raise UserError("--source is required (KIND:PATH of labelled data)")
+    if cfg.adversarial.enabled and not cfg.target:
+        raise UserError("--adversarial needs --target (KIND:PATH of unlabelled target images)")
+    timer = Timer()
+    runtime = setup_runtime(cfg.device, cfg.amp, cfg.seed)
+    source = open_labelled(cfg.source, cfg.source_split, "--source")
+    val = open_labelled(cfg.val, cfg.val_split, "--val") if cfg.val else None
+    target = open_dataset(cfg.target, cfg.target_split) if cfg.adversarial.enabled else None
+    taxonomy = source.taxonomy
+    inputs = {"source": source.fingerprint()}
+    if val is not None:
+        inputs["val"] = val.fingerprint()
+    if target is not None:
+        inputs["target"] = target.fingerprint()
+    done = prepare_out_dir(out, "warmup", inputs)
+    if done is not None:
+        return done
+    if val is not None and val.taxonomy.classes != taxonomy.classes:
+        raise UserError(f"--val {cfg.val}: its classes differ from the source's")
+
+    model_cfg = cfg.model
+    model_cfg.num_classes = taxonomy.num_classes
+    model = build_segmentor(model_cfg).to(runtime.device).train()
+    ddp_model = wrap_ddp(model, runtime)
+    optimizer = build_optimizer(model.param_groups(cfg.optim.lr, cfg.optim.head_lr_mult), cfg.optim)
+    modules: dict[str, torch.nn.Module] = {"model": model}
+    optimizers: dict[str, torch.optim.Optimizer] = {"model": optimizer}
+    disc = None
+    if cfg.adversarial.enabled:
+        disc = OutputDiscriminator(taxonomy.num_classes, cfg.adversarial.ndf).to(runtime.device)
+        modules["discriminator"] = disc
+        optimizers["discriminator"] = torch.optim.Adam(
+            [{"params": disc.parameters(), "lr": cfg.adversarial.lr}], betas=(0.9, 0.99)
+        )
+    scaler = torch.amp.GradScaler(
+        "cuda", enabled=runtime.amp and runtime.amp_dtype == torch.float16
+    )
+    meta = {
+        "stage": "warmup",
+        "classes": list(taxonomy.classes),
+        "palette": [list(c) for c in taxonomy.palette],
+        "config": to_dict(cfg),
+        "inputs": inputs,
+    }
+
+    def evaluate() -> dict:
+        assert val is not None
+        return evaluate_dataset(unwrap(ddp_model), val, cfg.eval, runtime, show_progress=False)
+
+    loop = TrainLoop(
+        out, runtime, cfg.loop, cfg.optim, modules, optimizers, meta,
+        evaluate=evaluate if val is not None else None, scaler=scaler,
+    )  # fmt: skip
+    start = loop.resume()
+    src_iter = infinite_loader(
+        SegTrainSet(source, cfg.augment, seed=cfg.seed + 7919 * start + runtime.rank),
+        cfg.batch_size, seed=cfg.seed + start, num_workers=cfg.num_workers,
+    )  # fmt: skip
+    tgt_iter = None
+    if target is not None:
+        tgt_iter = infinite_loader(
+            SegTrainSet(target, cfg.augment, seed=cfg.seed + 7919 * start + runtime.rank + 1),
+            cfg.batch_size, seed=cfg.seed + start + 1, num_workers=cfg.num_workers,
+        )  # fmt: skip
+
+    def step(_: int) -> dict[str, float]:
+        batch = next(src_iter)
+        image = batch["image"].to(runtime.device, non_blocking=True)
+        label = batch["label"].to(runtime.device, non_blocking=True)
+        logs: dict[str, float] = {}
+        with runtime.autocast():
+            logits = _full_size(ddp_model(image).logits, image)
+            loss = F.cross_entropy(logits.float(), label, ignore_index=255)
+        logs["loss_ce"] = loss.item()
+        if disc is not None and tgt_iter is not None:
+            t_image = next(tgt_iter)["image"].to(runtime.device, non_blocking=True)
+            disc.requires_grad_(False)
+            with runtime.autocast():
+                t_logits = _full_size(ddp_model(t_image).logits, t_image)
+                adv = generator_adversarial_loss(disc(softmax_map(t_logits)))
+            loss = loss + cfg.adversarial.weight * adv
+            logs["loss_adv"] = adv.item()
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        if disc is not None:
+            disc.requires_grad_(True)
+            d_opt = optimizers["discriminator"]
+            d_opt.zero_grad(set_to_none=True)
+            with runtime.autocast():
+                d_loss = discriminator_loss(
+                    disc(softmax_map(logits.detach())), disc(softmax_map(t_logits.detach()))
+                )
+            scaler.scale(d_loss).backward()
+            scaler.step(d_opt)
+            logs["loss_d"] = d_loss.item()
+        scaler.update()
+        return logs
+
+    result = loop.run(step)
+    results = {"iterations": result["step"], "val_last": result["last"], "val_best": result["best"]}
+    manifest: dict = {}
+    if runtime.is_main:
+        manifest = write_manifest(out, "warmup", to_dict(cfg), inputs, results, timer.seconds())
+    shutdown(runtime)
+    return manifest
+
+
+def _full_size(logits: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
+    return F.interpolate(logits, size=image.shape[-2:], mode="bilinear", align_corners=False)
