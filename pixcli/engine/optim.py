@@ -49,5 +49,6 @@ def lr_factor(step: int, total: int, cfg: OptimConfig) -> float:
 
 
 def set_lr(optimizer: torch.optim.Optimizer, factor: float) -> None:
+    """Scale every group's base lr (recorded at the first call when not set) by ``factor``."""
     for group in optimizer.param_groups:
-        group["lr"] = group["base_lr"] * factor
+        group["lr"] = group.setdefault("base_lr", group["lr"]) * factor

@@ -2,7 +2,7 @@
 
 from pixcli.models.backbone import Backbone, create_backbone
 from pixcli.models.heads import HEADS, DecodeHead, ProjectionHead
-from pixcli.models.segmentor import SegmentorConfig, Segmentor, SegOutput, build_segmentor
+from pixcli.models.segmentor import Segmentor, SegmentorConfig, SegOutput, build_segmentor
 
 __all__ = [
     "HEADS",

@@ -153,7 +153,9 @@ def _check_loaded(model: nn.Module, reference: dict[str, Tensor], name: str, pat
         )
 
 
-def _reason(err: BaseException) -> str:
-    """First line of an exception, with its type: ``KeyError: 101``."""
-    lines = str(err).splitlines()
-    return f"{type(err).__name__}: {lines[0]}" if lines else type(err).__name__
+def _reason(err: BaseException, limit: int = 300) -> str:
+    """An exception as one short line, with its type: ``KeyError: 101``."""
+    text = " ".join(str(err).split())
+    if len(text) > limit:
+        text = text[: limit - 3] + "..."
+    return f"{type(err).__name__}: {text}" if text else type(err).__name__

@@ -89,7 +89,9 @@ class ASPP(nn.Module):
         if image_pool:
             branches.append(ImagePool(in_channels, out_channels))
         self.branches = nn.ModuleList(branches)
-        self.bottleneck = conv_bn_relu(len(branches) * out_channels, out_channels, bottleneck_kernel)
+        self.bottleneck = conv_bn_relu(
+            len(branches) * out_channels, out_channels, bottleneck_kernel
+        )
 
     @staticmethod
     def _branch(in_channels: int, out_channels: int, dilation: int, separable: bool) -> nn.Module:

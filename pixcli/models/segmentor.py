@@ -52,7 +52,9 @@ class SegmentorConfig:
         if self.num_classes < 1:
             return f"num_classes must be >= 1, got {self.num_classes}"
         if self.output_stride is not None and self.output_stride not in OUTPUT_STRIDES:
-            return f"output_stride must be one of {OUTPUT_STRIDES} or unset, got {self.output_stride}"
+            return (
+                f"output_stride must be one of {OUTPUT_STRIDES} or unset, got {self.output_stride}"
+            )
         if self.feature_dim < 1:
             return f"feature_dim must be >= 1, got {self.feature_dim}"
         if self.proj_dim is not None and self.proj_dim < 1:
@@ -108,7 +110,9 @@ class Segmentor(nn.Module):
         super().__init__()
         self.config = config
         self.backbone = backbone
-        self.decoder = HEADS[config.head](backbone.channels, backbone.reductions, config.feature_dim)
+        self.decoder = HEADS[config.head](
+            backbone.channels, backbone.reductions, config.feature_dim
+        )
         self.classifier = nn.Sequential(
             nn.Dropout2d(config.dropout),
             nn.Conv2d(config.feature_dim, config.num_classes, 1),

@@ -1,0 +1,75 @@
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from pixcli.config import load_config, parse_set_options, to_dict
+from pixcli.errors import UserError
+
+
+@dataclass
+class Inner:
+    lr: float = 0.1
+    size: tuple[int, int] = (4, 4)
+    name: str | None = None
+
+
+@dataclass
+class Outer:
+    seed: int = 0
+    flag: bool = False
+    inner: Inner = field(default_factory=Inner)
+
+
+def test_defaults_then_file_then_overrides(tmp_path: Path):
+    f = tmp_path / "c.toml"
+    f.write_text("seed = 5\n[inner]\nlr = 1\nsize = [8, 16]\n")
+    cfg = load_config(Outer, f, {"inner.lr": 0.5, "flag": None})
+    assert cfg.seed == 5
+    assert cfg.inner.lr == 0.5 and isinstance(cfg.inner.lr, float)
+    assert cfg.inner.size == (8, 16)
+    assert cfg.flag is False  # None override = not given
+    assert to_dict(cfg)["inner"]["size"] == [8, 16]
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("sed = 1\n", "unknown setting 'sed'"),
+        ("[inner]\nlrr = 1\n", "unknown setting 'inner.lrr'"),
+        ("seed = 'x'\n", "'seed' must be int"),
+        ("flag = 1\n", "'flag' must be true or false"),
+        ("[inner]\nsize = [1, 2, 3]\n", "needs 2 values"),
+        ("inner = 3\n", "'inner' is a section"),
+        ("seed = \n", "not valid TOML"),
+    ],
+)
+def test_bad_settings_name_the_key(tmp_path: Path, text: str, message: str):
+    f = tmp_path / "c.toml"
+    f.write_text(text)
+    with pytest.raises(UserError, match=message):
+        load_config(Outer, f)
+
+
+def test_missing_file():
+    with pytest.raises(UserError, match="config file not found"):
+        load_config(Outer, Path("/nonexistent.toml"))
+
+
+def test_set_options_parse_toml_values():
+    assert parse_set_options(["a.b=0.5", "c=[1, 2]", "d=hello", "e=true"]) == {
+        "a.b": 0.5,
+        "c": [1, 2],
+        "d": "hello",
+        "e": True,
+    }
+    with pytest.raises(UserError, match="expected KEY=VALUE"):
+        parse_set_options(["novalue"])
+
+
+def test_examples_demo_toml_matches_the_demo_defaults():
+    from stages.demo import demo_warmup
+    from stages.warmup import WarmupConfig
+
+    example = Path(__file__).parent.parent / "examples" / "demo.toml"
+    assert to_dict(load_config(WarmupConfig, example)) == to_dict(demo_warmup())
