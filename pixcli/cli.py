@@ -132,6 +132,53 @@ def warmup(
     stage.run(cfg, out)
 
 
+@app.command()
+@user_errors
+def adapt(
+    checkpoint: Annotated[Path, typer.Option(help="The warmed-up model.pt to start from.")],
+    method: Annotated[
+        str | None, typer.Option(help="none, cpsl (more land with their issues).")
+    ] = None,
+    source: Annotated[str | None, typer.Option(help="Labelled source data, KIND:PATH.")] = None,
+    target: Annotated[str | None, typer.Option(help="Target data, KIND:PATH.")] = None,
+    pseudo: Annotated[Path | None, typer.Option(help="pseudo.h5 from pixcli pseudolabel.")] = None,
+    val: Annotated[str | None, typer.Option(help="Labelled validation data, KIND:PATH.")] = None,
+    setting: Annotated[str | None, typer.Option(help="uda, semi or supervised.")] = None,
+    labeled_fraction: Annotated[
+        float | None, typer.Option(help="semi: labelled share of the target (seeded split).")
+    ] = None,
+    labeled_list: Annotated[
+        Path | None, typer.Option(help="semi: file of labelled image names.")
+    ] = None,
+    out: OutOpt = Path("runs/adapt"),
+    iterations: Annotated[int | None, typer.Option(help="Training iterations.")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="Images per batch and stream.")] = None,
+    lr: Annotated[float | None, typer.Option(help="Backbone learning rate.")] = None,
+    config: ConfigOpt = None,
+    device: DeviceOpt = "auto",
+    seed: SeedOpt = None,
+    set_: SetOpt = None,
+) -> None:
+    """Self-training from a warmed-up model with a method plugged in; resumable.
+
+    Example: pixcli adapt --method none --checkpoint runs/warmup/model.pt
+    --source gta5:runs/bench/source --target cityscapes:runs/bench/target
+    --val cityscapes:runs/bench/target --out runs/adapt-none
+    """
+    from stages import adapt as stage
+
+    named = {
+        "method": method, "source": source, "target": target,
+        "pseudo": str(pseudo) if pseudo else None, "val": val, "setting": setting,
+        "labeled_fraction": labeled_fraction,
+        "labeled_list": str(labeled_list) if labeled_list else None,
+        "loop.iterations": iterations, "batch_size": batch_size, "optim.lr": lr,
+        "device": device, "seed": seed,
+    }  # fmt: skip
+    cfg = load_config(stage.AdaptConfig, config, _overrides(set_, named))
+    stage.run(cfg, checkpoint, out)
+
+
 @app.command("eval")
 @user_errors
 def eval_(
@@ -165,6 +212,72 @@ def eval_(
         "save_predictions": save_predictions, "device": device, "seed": seed,
     }  # fmt: skip
     cfg = load_config(stage.EvalConfig, config, _overrides(set_, named))
+    stage.run(cfg, checkpoint, out)
+
+
+@app.command("embed-report")
+@user_errors
+def embed_report(
+    checkpoint: Annotated[
+        list[Path], typer.Option(help="A pixcli model.pt; repeat it to compare models.")
+    ],
+    data: Annotated[str, typer.Option(help="Images, KIND:PATH (labels used when present).")],
+    out: OutOpt = Path("runs/embed-report"),
+    split: Annotated[str | None, typer.Option(help="Split to sample (default: val).")] = None,
+    per_class: Annotated[
+        int | None, typer.Option(help="Pixels sampled per class (default: 500).")
+    ] = None,
+    config: ConfigOpt = None,
+    device: DeviceOpt = "auto",
+    seed: SeedOpt = None,
+    set_: SetOpt = None,
+) -> None:
+    """t-SNE pictures, Calinski-Harabasz, Davies-Bouldin and silhouette of pixel features.
+
+    Example: pixcli embed-report --checkpoint runs/warmup/model.pt --checkpoint
+    runs/adapt/model.pt --data cityscapes:runs/bench/target --out runs/embed-report
+    """
+    from stages import embed_report as stage
+
+    named = {"data": data, "split": split, "per_class": per_class, "device": device, "seed": seed}
+    cfg = load_config(stage.EmbedReportConfig, config, _overrides(set_, named))
+    stage.run(cfg, checkpoint, out)
+
+
+@app.command()
+@user_errors
+def pseudolabel(
+    checkpoint: Annotated[Path, typer.Option(help="A warmed-up pixcli model.pt.")],
+    target: Annotated[str, typer.Option(help="Target images, KIND:PATH (labels optional).")],
+    out: OutOpt = Path("runs/pseudo"),
+    split: Annotated[str | None, typer.Option(help="Split to label (default: train).")] = None,
+    output_stride: Annotated[
+        int | None, typer.Option(help="Stride of the stored label grid (default: the model's).")
+    ] = None,
+    window: Annotated[
+        str | None, typer.Option(help="Sliding window HxW, e.g. 512x1024 (default: whole image).")
+    ] = None,
+    stride: Annotated[str | None, typer.Option(help="Window stride HxW.")] = None,
+    flip: Annotated[bool | None, typer.Option("--flip", help="Average with flipped input.")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="Images per forward pass.")] = None,
+    config: ConfigOpt = None,
+    device: DeviceOpt = "auto",
+    seed: SeedOpt = None,
+    set_: SetOpt = None,
+) -> None:
+    """Soft pseudo labels, prototypes and class distribution into OUT/pseudo.h5; resumable.
+
+    Example: pixcli pseudolabel --checkpoint runs/warmup/model.pt --target
+    cityscapes:runs/bench/target --out runs/pseudo
+    """
+    from stages import pseudolabel as stage
+
+    named = {
+        "target": target, "split": split, "output_stride": output_stride,
+        "inference.window": _hw(window, "--window"), "inference.stride": _hw(stride, "--stride"),
+        "inference.flip": flip, "batch_size": batch_size, "device": device, "seed": seed,
+    }  # fmt: skip
+    cfg = load_config(stage.PseudolabelConfig, config, _overrides(set_, named))
     stage.run(cfg, checkpoint, out)
 
 

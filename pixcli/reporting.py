@@ -10,8 +10,8 @@ from rich.table import Table
 stdout = Console()
 
 
-def _fmt(value: float | None) -> str:
-    return "-" if value is None or value != value else f"{value:.1f}"
+def _fmt(value: float | None, digits: int = 1) -> str:
+    return "-" if value is None or value != value else f"{value:.{digits}f}"
 
 
 def metrics_table(metrics: dict, title: str) -> Table:
@@ -45,3 +45,61 @@ def comparison_table(rows: Sequence[tuple[str, dict]], classes: Sequence[str], t
 
 def print_table(table: Table) -> None:
     stdout.print(table)
+
+
+def confidence_table(rows: Sequence[dict], title: str) -> Table:
+    """Accuracy against confidence (rows of :meth:`ConfidenceBins.evaluate`)."""
+    table = Table(title=title)
+    for col in ("confidence", "pixels %", "accuracy %", "kept if >= from %", "their accuracy %"):
+        table.add_column(col, justify="right")
+    for row in rows:
+        closing = "]" if row["to"] >= 1.0 else ")"
+        table.add_row(
+            f"[{row['from']:.2f}, {row['to']:.2f}{closing}",
+            _fmt(row["share"]),
+            _fmt(row["accuracy"]),
+            _fmt(row["kept_share"]),
+            _fmt(row["kept_accuracy"]),
+        )
+    return table
+
+
+EMBEDDING_COLUMNS = (
+    "checkpoint", "feature (dim)", "points", "classes",
+    "Calinski-Harabasz ↑", "Davies-Bouldin ↓", "silhouette ↑",
+)  # fmt: skip
+
+
+def embedding_rows(entries: Sequence[dict]) -> list[list[str]]:
+    """Cells of :data:`EMBEDDING_COLUMNS`, one row per checkpoint of an embed-report."""
+    return [
+        [
+            e["name"],
+            f"{e['feature']} ({e['dim']})",
+            str(e["points"]),
+            str(e["classes"]),
+            _fmt(e["calinski_harabasz"]),
+            _fmt(e["davies_bouldin"], 3),
+            _fmt(e["silhouette"], 3),
+        ]
+        for e in entries
+    ]
+
+
+def embedding_table(entries: Sequence[dict], title: str) -> Table:
+    """How well each checkpoint's pixel features separate the classes."""
+    table = Table(title=title)
+    for i, col in enumerate(EMBEDDING_COLUMNS):
+        table.add_column(col, justify="left" if i < 2 else "right")
+    for row in embedding_rows(entries):
+        table.add_row(*row)
+    return table
+
+
+def markdown_table(columns: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    """A GitHub-flavoured markdown table (``|`` in cells escaped)."""
+
+    def line(cells: Sequence[str]) -> str:
+        return "| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |"
+
+    return "\n".join([line(columns), line(["---"] * len(columns)), *map(line, rows)])

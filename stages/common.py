@@ -33,12 +33,17 @@ def prepare_out_dir(out: Path, stage: str, inputs: dict[str, str]) -> dict | Non
     return done
 
 
-def open_labelled(spec: str, split: str, what: str) -> SegDataset:
-    """A dataset that must have labels (``what`` names the option in errors)."""
+def open_data(spec: str, split: str, what: str, require_labels: bool = False) -> SegDataset:
+    """A dataset, labelled or not (``what`` names the option in errors)."""
     try:
-        return open_dataset(spec, split=split, require_labels=True)
+        return open_dataset(spec, split=split, require_labels=require_labels)
     except UserError as exc:
         raise UserError(f"{what}: {exc}") from None
+
+
+def open_labelled(spec: str, split: str, what: str) -> SegDataset:
+    """A dataset that must have labels (``what`` names the option in errors)."""
+    return open_data(spec, split, what, require_labels=True)
 
 
 def load_model(path: Path, runtime: Runtime) -> tuple[Segmentor, dict]:

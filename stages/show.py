@@ -7,6 +7,7 @@ from pathlib import Path
 
 from rich.table import Table
 
+from pixcli import pseudo_labels
 from pixcli.artifacts import load_checkpoint, read_json
 from pixcli.errors import UserError
 from pixcli.reporting import metrics_table, print_table, stdout
@@ -74,6 +75,8 @@ def show_manifest(path: Path, data: dict) -> None:
 
 
 def show_hdf5(path: Path) -> None:
+    """A pseudo.h5 summary (:func:`pixcli.pseudo_labels.summary`), else attributes and
+    datasets of any HDF5 file."""
     import h5py
 
     try:
@@ -81,6 +84,7 @@ def show_hdf5(path: Path) -> None:
     except OSError as exc:
         raise UserError(f"{path}: not a readable HDF5 file ({exc})") from None
     with fh:
+        is_pseudo = _attr(fh.attrs.get("format", "")) == pseudo_labels.FORMAT
         rows: dict = {f"attr {k}": _attr(v) for k, v in fh.attrs.items()}
 
         def visit(name: str, obj: object) -> None:
@@ -88,6 +92,8 @@ def show_hdf5(path: Path) -> None:
                 rows[name] = f"{obj.dtype} {obj.shape}"
 
         fh.visititems(visit)
+    if is_pseudo:
+        rows = pseudo_labels.summary(path)
     print_table(_kv_table(str(path), rows))
 
 

@@ -120,13 +120,14 @@ def run(cfg: WarmupConfig, out: Path) -> dict:
     start = loop.resume()
     src_iter = infinite_loader(
         SegTrainSet(source, cfg.augment, seed=cfg.seed + 7919 * start + runtime.rank),
-        cfg.batch_size, seed=cfg.seed + start, num_workers=cfg.num_workers,
+        cfg.batch_size, seed=cfg.seed + start + 1000 * runtime.rank, num_workers=cfg.num_workers,
     )  # fmt: skip
     tgt_iter = None
     if target is not None:
         tgt_iter = infinite_loader(
             SegTrainSet(target, cfg.augment, seed=cfg.seed + 7919 * start + runtime.rank + 1),
-            cfg.batch_size, seed=cfg.seed + start + 1, num_workers=cfg.num_workers,
+            cfg.batch_size, seed=cfg.seed + start + 1000 * runtime.rank + 1,
+            num_workers=cfg.num_workers,
         )  # fmt: skip
 
     def step(_: int) -> dict[str, float]:

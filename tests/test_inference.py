@@ -27,7 +27,7 @@ def test_window_starts_cover_and_stay_inside():
         starts = window_starts(size, win, stride)
         covered = set()
         for s in starts:
-            assert 0 <= s and s + win <= size
+            assert s >= 0 and s + win <= size
             covered.update(range(s, s + win))
         assert covered == set(range(size))
 

@@ -8,13 +8,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny import tiny_warmup
 
 from pixcli.artifacts import load_checkpoint, read_json
 from pixcli.engine.trainer import Interrupted, TrainLoop
 from pixcli.errors import UserError
 from stages import eval as eval_stage
 from stages import warmup
-from tiny import tiny_warmup
 
 
 def _log(out: Path) -> list[dict]:

@@ -96,3 +96,37 @@ def test_workers_give_new_augmentations_each_epoch(gta) -> None:
     images = [next(it)["image"] for _ in range(3)]
     assert not torch.equal(images[0], images[1]) and not torch.equal(images[1], images[2])
     np.testing.assert_array_equal(images[0].shape, (1, 3, 8, 8))
+
+
+def test_geometry_locates_the_crop_in_the_resized_image():
+    """Cutting the recorded window out of the resized (and flipped) source image gives back
+    exactly the augmented crop: the label map, an exact nearest-neighbour quantity."""
+    from pixcli.data.training_set import geometry_from_tensor
+    from pixcli.data.transforms import resize
+
+    rng_img = np.random.default_rng(0)
+    image = rng_img.integers(0, 255, (20, 30, 3), dtype=np.uint8)
+    label = rng_img.integers(0, 5, (20, 30), dtype=np.uint8)
+
+    class One:
+        taxonomy = None
+
+        def __len__(self) -> int:
+            return 1
+
+        def __getitem__(self, i: int):
+            return image, label, "x"
+
+    cfg = AugmentConfig(crop_size=(8, 12), scale_range=(0.8, 1.6), flip=True)
+    ds = SegTrainSet(One(), cfg, seed=1)  # type: ignore[arg-type]
+    flips = set()
+    for _ in range(12):
+        item = ds[0]
+        g = geometry_from_tensor(item["geometry"])
+        _, resized = resize(image, label, g.resized)
+        window = resized[g.top : g.top + g.crop[0], g.left : g.left + g.crop[1]]
+        if g.flip:
+            window = window[:, ::-1]
+        assert np.array_equal(item["label"].numpy(), window)
+        flips.add(g.flip)
+    assert flips == {True, False}

@@ -5,11 +5,15 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
+import torch
+
+from pixcli.artifacts import save_checkpoint
 from pixcli.data.benchmark import BenchmarkConfig
+from pixcli.data.taxonomy import CITYSCAPES
 from pixcli.data.transforms import AugmentConfig
 from pixcli.engine.optim import OptimConfig
 from pixcli.engine.trainer import LoopConfig
-from pixcli.models import SegmentorConfig
+from pixcli.models import SegmentorConfig, build_segmentor
 from stages.warmup import WarmupConfig
 
 TINY_BENCHMARK = BenchmarkConfig(
@@ -31,3 +35,15 @@ def tiny_warmup(bench: Path, **changes: object) -> WarmupConfig:
         augment=AugmentConfig(crop_size=(32, 32), scale_range=(0.75, 1.25)),
     )
     return dataclasses.replace(cfg, **changes)  # type: ignore[arg-type]
+
+
+def random_checkpoint(path: Path, model: SegmentorConfig, seed: int = 0) -> Path:
+    """An untrained model for the 19 Cityscapes classes saved as a pixcli checkpoint."""
+    torch.manual_seed(seed)
+    weights = build_segmentor(model).state_dict()
+    save_checkpoint(
+        path,
+        {"model_config": model.to_dict(), "classes": list(CITYSCAPES.classes),
+         "state_dict": weights, "step": 0},
+    )  # fmt: skip
+    return path

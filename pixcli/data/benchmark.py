@@ -28,7 +28,7 @@ from PIL import Image, ImageDraw, ImageFilter
 from pixcli.data.taxonomy import CITYSCAPES_CLASSES, IGNORE_INDEX, TRAINID_TO_LABELID
 from pixcli.errors import UserError
 
-ROAD, SIDEWALK, BUILDING, FENCE, POLE, LIGHT, SIGN = 0, 1, 2, 4, 5, 6, 7
+ROAD, SIDEWALK, BUILDING, POLE, LIGHT, SIGN = 0, 1, 2, 5, 6, 7
 VEGETATION, TERRAIN, SKY, PERSON, CAR = 8, 9, 10, 11, 13
 EGO_VEHICLE_LABELID = 1
 FORMAT = "pixcli-benchmark"
@@ -65,7 +65,6 @@ class Geometry:
     person_size: float
     n_poles: tuple[int, int]
     n_trees: tuple[int, int]
-    fence: float  # probability of a fence along a kerb
     terrain: float  # probability of a grass verge on a side
     hood: float  # ego-vehicle hood height / height (0: none)
 
@@ -100,20 +99,21 @@ SYNTHETIC = Domain(
     Geometry(
         horizon=(0.38, 0.50), road=(0.45, 0.65), sidewalk=(0.22, 0.34), facade=(0.25, 0.6),
         n_cars=(1, 4), parked=0.2, car_size=0.32, n_persons=(0, 4), person_size=0.45,
-        n_poles=(1, 3), n_trees=(1, 4), fence=0.2, terrain=0.5, hood=0.0,
+        n_poles=(1, 3), n_trees=(1, 4), terrain=0.5, hood=0.0,
     ),
     Appearance(
         colours={
             ROAD: ((85, 80, 95),), SIDEWALK: ((175, 160, 150),),
             BUILDING: ((185, 120, 85), (205, 185, 140), (150, 150, 170), (130, 95, 75)),
-            FENCE: ((150, 105, 70),), POLE: ((200, 200, 205),), LIGHT: ((40, 40, 35),),
-            SIGN: ((235, 225, 40),), VEGETATION: ((45, 165, 45), (70, 185, 40)),
-            TERRAIN: ((150, 205, 80),), SKY: ((90, 170, 250),),
-            PERSON: ((220, 40, 40), (40, 60, 220), (240, 200, 40), (40, 180, 90)),
-            CAR: ((210, 30, 30), (30, 80, 210), (240, 210, 30), (235, 235, 235), (30, 160, 60)),
+            POLE: ((170, 170, 175),), LIGHT: ((40, 40, 35),), SIGN: ((235, 225, 40), (40, 90, 220)),
+            VEGETATION: ((45, 165, 45), (70, 185, 40)), TERRAIN: ((150, 205, 80),),
+            SKY: ((90, 170, 250),),
+            PERSON: ((220, 40, 40), (40, 60, 220), (240, 200, 40), (40, 180, 90), (50, 50, 50)),
+            CAR: ((210, 30, 30), (30, 80, 210), (240, 210, 30), (235, 235, 235), (30, 160, 60),
+                  (40, 40, 45), (150, 150, 150)),
         },
-        jitter=8.0, texture=0.15, windows=(12, 50.0), shading=0.05, brightness=(0.95, 1.05),
-        cast=0.02, shadows=(0, 0), noise=0.0, blur=0.0,
+        jitter=12.0, texture=0.15, windows=(12, 50.0), shading=0.1, brightness=(0.75, 1.2),
+        cast=0.06, shadows=(0, 0), noise=1.0, blur=0.0,
     ),
 )  # fmt: skip
 
@@ -122,20 +122,20 @@ REAL = Domain(
     Geometry(
         horizon=(0.30, 0.42), road=(0.35, 0.5), sidewalk=(0.16, 0.28), facade=(0.35, 0.8),
         n_cars=(2, 6), parked=0.6, car_size=0.26, n_persons=(1, 5), person_size=0.4,
-        n_poles=(2, 5), n_trees=(2, 6), fence=0.35, terrain=0.35, hood=0.08,
+        n_poles=(2, 5), n_trees=(2, 6), terrain=0.35, hood=0.08,
     ),
     Appearance(
         colours={
-            ROAD: ((110, 105, 100),), SIDEWALK: ((135, 130, 135),),
-            BUILDING: ((115, 105, 100), (145, 135, 120), (95, 95, 100), (160, 150, 140)),
-            FENCE: ((130, 130, 120),), POLE: ((75, 75, 80),), LIGHT: ((55, 55, 40),),
-            SIGN: ((30, 75, 165), (200, 45, 45)), VEGETATION: ((70, 95, 45), (55, 80, 50)),
-            TERRAIN: ((135, 140, 90),), SKY: ((195, 205, 215), (170, 190, 210)),
+            ROAD: ((115, 108, 105),), SIDEWALK: ((150, 140, 145),),
+            BUILDING: ((130, 120, 110), (160, 150, 135), (100, 100, 108), (175, 165, 155)),
+            POLE: ((95, 95, 100),), LIGHT: ((55, 55, 40),), SIGN: ((30, 75, 165), (200, 45, 45)),
+            VEGETATION: ((75, 115, 50), (60, 95, 55)), TERRAIN: ((145, 150, 95),),
+            SKY: ((170, 195, 225), (190, 205, 220)),
             PERSON: ((40, 40, 45), (90, 80, 70), (60, 70, 100), (150, 140, 130)),
             CAR: ((60, 60, 65), (150, 150, 155), (210, 210, 210), (30, 40, 70), (100, 30, 30)),
         },
-        jitter=14.0, texture=1.0, windows=(7, -45.0), shading=0.35, brightness=(0.7, 1.1),
-        cast=0.12, shadows=(1, 4), noise=7.0, blur=0.8,
+        jitter=14.0, texture=0.6, windows=(8, -40.0), shading=0.3, brightness=(0.75, 1.1),
+        cast=0.08, shadows=(1, 3), noise=4.0, blur=0.6,
     ),
 )  # fmt: skip
 
@@ -241,16 +241,6 @@ def _draw_ground(s: _Scene, g: _Ground, geo: Geometry) -> tuple[float, float]:
     return kerbs
 
 
-def _draw_fence(s: _Scene, g: _Ground, u: float) -> None:
-    """A low fence standing on the ground line ``u``, over part of its length."""
-    y0 = g.yh + s.rng.uniform(0.1, 0.4) * (s.h - g.yh)
-    y1 = min(s.h, y0 + s.rng.uniform(0.3, 0.8) * (s.h - g.yh))
-    tall = s.rng.uniform(0.15, 0.3)
-    xy = [(g.x(u, y0), y0), (g.x(u, y1), y1)]
-    xy += [(g.x(u, y1), y1 - tall * (y1 - g.yh)), (g.x(u, y0), y0 - tall * (y0 - g.yh))]
-    s.paint("polygon", xy, FENCE, s.instance(FENCE))
-
-
 def _draw_tree(s: _Scene, g: _Ground, x: float, y: float) -> None:
     """A trunk and an elliptic crown (both vegetation) standing at (x, y)."""
     d = g.depth(y)
@@ -267,16 +257,16 @@ def _draw_pole(s: _Scene, g: _Ground, x: float, y: float) -> None:
     """A thin pole carrying a traffic sign or a traffic light (or nothing)."""
     d = g.depth(y)
     height = s.rng.uniform(0.45, 0.7) * s.h * d
-    pw = max(1.0, 0.012 * s.w * d)
+    pw = max(2.0, 0.016 * s.w * d)
     top = y - height
     s.paint("rectangle", [x - pw / 2, top, x + pw / 2, y], POLE, s.instance(POLE))
     kind = s.rng.random()
     if kind < 0.45:
-        r = max(1.5, 0.05 * s.h * d)
+        r = max(2.5, 0.07 * s.h * d)
         shape = "ellipse" if s.rng.random() < 0.5 else "rectangle"
         s.paint(shape, [x - r, top, x + r, top + 2 * r], SIGN, s.instance(SIGN))
     elif kind < 0.85:
-        lw, lh = max(1.5, 0.03 * s.h * d), max(3.0, 0.1 * s.h * d)
+        lw, lh = max(2.0, 0.035 * s.h * d), max(5.0, 0.12 * s.h * d)
         s.paint("rectangle", [x - lw, top, x + lw, top + lh], LIGHT, s.instance(LIGHT))
         lamp = s.instance(LIGHT, ((230, 40, 30), (240, 180, 30), (40, 220, 90))[int(kind * 9) % 3])
         s.paint("ellipse", [x - lw * 0.6, top + lh * 0.1, x + lw * 0.6, top + lh * 0.35], LIGHT,
@@ -286,7 +276,7 @@ def _draw_pole(s: _Scene, g: _Ground, x: float, y: float) -> None:
 def _draw_person(s: _Scene, g: _Ground, x: float, y: float, size: float) -> None:
     """Head, torso and legs; height proportional to the perspective depth."""
     hgt = size * s.h * g.depth(y) * s.rng.uniform(0.8, 1.1)
-    if hgt < 4:
+    if hgt < 6:
         return
     w = 0.28 * hgt
     legs, body = s.instance(PERSON), s.instance(PERSON)
@@ -353,9 +343,6 @@ def draw_scene(width: int, height: int, domain: Domain, rng: np.random.Generator
     g = _Ground(width * rng.uniform(0.4, 0.6), height * _uniform(rng, geo.horizon), width, height)
     _draw_buildings(s, g, geo)
     kerbs = _draw_ground(s, g, geo)
-    for u in kerbs:
-        if rng.random() < geo.fence:
-            _draw_fence(s, g, u * rng.uniform(1.6, 2.0))
     _draw_objects(s, g, geo, kerbs)
     if geo.hood > 0:
         _draw_hood(s, geo.hood)
@@ -509,7 +496,9 @@ def make_benchmark(
         if progress is not None:
             progress(done, len(jobs))
     _remove_stale(out, {p for job in jobs for p in job[2:]})
-    present = sorted(i for i in range(len(CITYSCAPES_CLASSES)) if any(c[i] for c in counts.values()))
+    present = sorted(
+        i for i in range(len(CITYSCAPES_CLASSES)) if any(c[i] for c in counts.values())
+    )
     fractions = {
         name: {CITYSCAPES_CLASSES[i]: round(float(c[i] / max(1, c.sum())), 6) for i in present}
         for name, c in (("source", counts["source"]), ("target_train", counts["train"]),

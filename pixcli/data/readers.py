@@ -181,6 +181,17 @@ class SegDataset:
         """Item ``i``'s image as (H, W, 3) uint8 RGB."""
         return read_rgb(self.items[i][0])
 
+    def image_size(self, i: int) -> tuple[int, int]:
+        """Item ``i``'s image size (h, w) from the file header, without decoding pixels."""
+        path = self.items[i][0]
+        try:
+            with Image.open(path) as img:
+                return img.height, img.width
+        except FileNotFoundError as exc:
+            raise UserError(f"{path}: image file not found") from exc
+        except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as exc:
+            raise UserError(f"{path}: cannot read image ({exc})") from exc
+
     def read_label(self, i: int) -> np.ndarray | None:
         """Item ``i``'s label as (H, W) uint8 train ids (255 = ignore), or None."""
         path = self.items[i][1]

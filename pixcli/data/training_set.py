@@ -20,15 +20,20 @@ from torch.utils.data import DataLoader, Dataset, RandomSampler, get_worker_info
 
 from pixcli.data.readers import SegDataset
 from pixcli.data.taxonomy import IGNORE_INDEX
-from pixcli.data.transforms import AugmentConfig, augment, normalize
+from pixcli.data.transforms import (
+    AugmentConfig,
+    CropGeometry,
+    augment_with_geometry,
+    normalize,
+)
 
 
 class SegTrainSet(Dataset):
     """A :class:`SegDataset` as a torch ``Dataset`` of normalised, augmented tensors.
 
     Items are dicts ``{"image": (3, h, w) float32, "label": (h, w) int64 (all 255 when the
-    dataset has no labels), "index": i}``. ``augment_cfg=None`` is eval mode: the whole
-    image, only normalised.
+    dataset has no labels), "index": i, "geometry": the crop's CropGeometry as 7 ints}``.
+    ``augment_cfg=None`` is eval mode: the whole image, only normalised.
     """
 
     def __init__(self, ds: SegDataset, augment_cfg: AugmentConfig | None, seed: int = 0) -> None:
@@ -49,13 +54,33 @@ class SegTrainSet(Dataset):
 
     def __getitem__(self, i: int) -> dict[str, Any]:
         image, label, _ = self.ds[i]
+        h, w = image.shape[:2]
+        geometry = CropGeometry((h, w), 0, 0, (h, w), False)
         if self.augment_cfg is not None:
-            image, label = augment(image, label, self.augment_cfg, self.rng(i))
+            image, label, geometry = augment_with_geometry(
+                image, label, self.augment_cfg, self.rng(i)
+            )
         if label is None:
             target = torch.full(image.shape[:2], IGNORE_INDEX, dtype=torch.long)
         else:
             target = torch.from_numpy(np.require(label, requirements="CW")).long()
-        return {"image": normalize(image), "label": target, "index": i}
+        return {
+            "image": normalize(image),
+            "label": target,
+            "index": i,
+            "geometry": geometry_to_tensor(geometry),
+        }
+
+
+def geometry_to_tensor(g: CropGeometry) -> torch.Tensor:
+    """A :class:`CropGeometry` as 7 integers (collates into a batch)."""
+    return torch.tensor([*g.resized, g.top, g.left, *g.crop, int(g.flip)], dtype=torch.long)
+
+
+def geometry_from_tensor(t: torch.Tensor) -> CropGeometry:
+    """Inverse of :func:`geometry_to_tensor` for one item."""
+    v = [int(x) for x in t.tolist()]
+    return CropGeometry((v[0], v[1]), v[2], v[3], (v[4], v[5]), bool(v[6]))
 
 
 def _sampler(

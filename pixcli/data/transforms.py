@@ -77,13 +77,25 @@ def random_crop(
     ignore_index: int = IGNORE_INDEX,
 ) -> Pair:
     """A random ``crop`` = (h, w) window; smaller inputs are padded (image 0, label ignore)."""
+    image, label, _ = _random_crop_at(image, label, crop, rng, ignore_index)
+    return image, label
+
+
+def _random_crop_at(
+    image: np.ndarray,
+    label: np.ndarray | None,
+    crop: tuple[int, int],
+    rng: np.random.Generator,
+    ignore_index: int = IGNORE_INDEX,
+) -> tuple[np.ndarray, np.ndarray | None, tuple[int, int]]:
+    """:func:`random_crop`, also returning the window's (top, left)."""
     image = _pad_to(image, crop, 0)
     top = int(rng.integers(0, image.shape[0] - crop[0] + 1))
     left = int(rng.integers(0, image.shape[1] - crop[1] + 1))
     window = (slice(top, top + crop[0]), slice(left, left + crop[1]))
     if label is not None:
         label = _pad_to(label, crop, ignore_index)[window]
-    return image[window], label
+    return image[window], label, (top, left)
 
 
 def random_scale(
@@ -175,18 +187,44 @@ class AugmentConfig:
     blur_prob: float = 0.0
 
 
+@dataclass(frozen=True)
+class CropGeometry:
+    """Where a training crop came from: the image was resized to ``resized`` (h, w), a
+    ``crop`` window taken at (``top``, ``left``) (padded where it leaves the image), then
+    mirrored if ``flip``. Enough to cut the same window out of any per-image map (e.g. the
+    soft labels of ``pseudo.h5``: ``PseudoLabelFile.soft_crop``)."""
+
+    resized: tuple[int, int]
+    top: int
+    left: int
+    crop: tuple[int, int]
+    flip: bool
+
+
 def augment(
     image: np.ndarray, label: np.ndarray | None, cfg: AugmentConfig, rng: np.random.Generator
 ) -> Pair:
     """Resize to base size, random scale + crop, flip, colour jitter, blur."""
+    image, label, _ = augment_with_geometry(image, label, cfg, rng)
+    return image, label
+
+
+def augment_with_geometry(
+    image: np.ndarray, label: np.ndarray | None, cfg: AugmentConfig, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray | None, CropGeometry]:
+    """:func:`augment`, also returning the :class:`CropGeometry` of the crop."""
     if cfg.base_size is not None:
         image, label = resize(image, label, cfg.base_size)
     image, label = random_scale(image, label, cfg.scale_range, rng)
+    resized = (image.shape[0], image.shape[1])
+    top, left, crop = 0, 0, resized
     if cfg.crop_size is not None:
-        image, label = random_crop(image, label, cfg.crop_size, rng)
-    if cfg.flip and rng.random() < 0.5:
+        image, label, (top, left) = _random_crop_at(image, label, cfg.crop_size, rng)
+        crop = cfg.crop_size
+    flip = bool(cfg.flip and rng.random() < 0.5)
+    if flip:
         image, label = hflip(image, label)
     image = color_jitter(image, cfg.color_jitter, rng)
     if cfg.blur_prob > 0 and rng.random() < cfg.blur_prob:
         image = gaussian_blur(image, float(rng.uniform(0.1, 2.0)))
-    return image, label
+    return image, label, CropGeometry(resized, top, left, tuple(crop), flip)  # type: ignore[arg-type]

@@ -7,6 +7,7 @@ are summed, so the metrics equal a one-process run.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -16,9 +17,12 @@ from torch import nn
 from pixcli.data.readers import SegDataset
 from pixcli.data.transforms import normalize
 from pixcli.engine.inference import InferenceConfig, predict_logits
-from pixcli.engine.metrics import SegEvaluator
+from pixcli.engine.metrics import ConfidenceBins, SegEvaluator
 from pixcli.engine.progress import make_progress
 from pixcli.engine.runtime import Runtime
+
+if TYPE_CHECKING:
+    from pixcli.pseudo_labels import PseudoLabelFile
 
 PredictionHook = Callable[[str, np.ndarray], None]
 
@@ -57,3 +61,36 @@ def evaluate_dataset(
         evaluator.conf = conf.cpu()
     model.train(was_training)
     return evaluator.evaluate()
+
+
+def evaluate_pseudo_labels(
+    labels: PseudoLabelFile, dataset: SegDataset, runtime: Runtime, show_progress: bool = True
+) -> dict:
+    """Quality of stored pseudo labels against ``dataset``'s labels (which it must have).
+
+    Each image's soft labels are resized to the image (as training sees them); their argmax
+    gives the metrics of ``engine.metrics`` and their maximum the accuracy per confidence bin
+    (``"confidence"``: :meth:`ConfidenceBins.evaluate`). Sharded over ranks like
+    :func:`evaluate_dataset`.
+    """
+    evaluator = SegEvaluator(dataset.taxonomy.classes, dataset.taxonomy.subsets())
+    bins = ConfidenceBins()
+    indices = range(runtime.rank, len(dataset), runtime.world_size)
+    with make_progress(show_progress and runtime.is_main) as progress:
+        task = progress.add_task("pseudo-label quality", total=len(indices), rate="", info="")
+        for i in indices:
+            label = dataset.read_label(i)
+            if label is None:
+                raise ValueError(f"{dataset.items[i][0]}: no label")
+            j = labels.index(dataset.items[i][2])
+            confidence, pred = labels.soft_resized(j, label.shape, runtime.device).max(dim=0)
+            target = torch.from_numpy(label).to(runtime.device)
+            evaluator.process(pred, target)
+            bins.process(pred, confidence, target)
+            progress.advance(task)
+    if runtime.distributed:
+        for acc, name in ((evaluator, "conf"), (bins, "pixels"), (bins, "correct")):
+            value = getattr(acc, name).to(runtime.device)
+            dist.all_reduce(value)
+            setattr(acc, name, value.cpu())
+    return {**evaluator.evaluate(), "confidence": bins.evaluate()}

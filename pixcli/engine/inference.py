@@ -4,6 +4,9 @@ The sliding window follows mmseg's ``slide_inference``: windows step by ``stride
 window in each direction is shifted back inside the image; the logits of all windows are
 summed into the full-size map together with a count matrix, and divided by the count
 before any softmax. Images smaller than the window are one window of their own size.
+
+:func:`predict_on_grid` gives logits *and* decoder features on a coarse grid (e.g. the
+model's output grid) for stages that store per-pixel predictions and class prototypes.
 """
 
 from __future__ import annotations
@@ -23,6 +26,23 @@ class InferenceConfig:
     stride: tuple[int, int] | None = None  # default: 2/3 of the window, as mmseg's configs
     window_batch: int = 8  # windows per forward pass
     flip: bool = False  # average with the horizontally flipped prediction
+
+
+@dataclass
+class GridPrediction:
+    """Logits ``B x C x h x w`` and decoder features ``B x D x h x w`` on one grid."""
+
+    logits: torch.Tensor
+    features: torch.Tensor
+
+
+def resize_map(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Bilinear resize of ``B x K x h x w`` maps to ``size`` (align_corners=False, as the
+    rest of pixcli); antialiased when shrinking; the input itself when already that size."""
+    if tuple(x.shape[-2:]) == tuple(size):
+        return x
+    shrink = size[0] < x.shape[-2] or size[1] < x.shape[-1]
+    return F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=shrink)
 
 
 def upsampled_logits(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -85,3 +105,28 @@ def predict_logits(model: nn.Module, x: torch.Tensor, cfg: InferenceConfig) -> t
 def predict_probs(model: nn.Module, x: torch.Tensor, cfg: InferenceConfig) -> torch.Tensor:
     """Softmax probabilities at input resolution (B, C, H, W)."""
     return predict_logits(model, x, cfg).softmax(dim=1)
+
+
+@torch.no_grad()
+def predict_on_grid(
+    model: nn.Module, x: torch.Tensor, cfg: InferenceConfig, grid: tuple[int, int]
+) -> GridPrediction:
+    """Logits and decoder features of a batch of equal-sized images, resized to ``grid``.
+
+    Features always come from whole-image forward passes (averaged with the flipped pass when
+    ``cfg.flip``); with whole-image inference the logits come from the same passes, so they
+    are exactly the classifier applied to these features. With a sliding window the logits
+    are :func:`predict_logits` at input resolution, resized down to ``grid``, while the
+    features still come from one whole-image pass: gathering them window by window would
+    mean ``D`` channels at input resolution. Both are resized only when the model's own
+    output grid differs from ``grid`` (see :func:`resize_map`).
+    """
+    out = model(x)
+    logits, features = out.logits.float(), out.features.float()
+    if cfg.flip:
+        flipped = model(x.flip(-1))
+        logits = (logits + flipped.logits.float().flip(-1)) / 2
+        features = (features + flipped.features.float().flip(-1)) / 2
+    if cfg.window is not None:
+        logits = predict_logits(model, x, cfg)
+    return GridPrediction(resize_map(logits, grid), resize_map(features, grid))

@@ -98,3 +98,57 @@ class SegEvaluator:
 
     def evaluate(self) -> dict:
         return metrics_from_confusion(self.conf.numpy(), self.class_names, self.subsets)
+
+
+CONFIDENCE_EDGES: tuple[float, ...] = (0.0, 0.5, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0)
+
+
+class ConfidenceBins:
+    """Pixel accuracy against confidence: how far a prediction (or pseudo label) can be
+    trusted, and what a confidence threshold would keep.
+
+    ``process(pred, confidence, label)`` counts labelled pixels and correct ones per
+    confidence bin ``[edges[k], edges[k+1])`` (the last bin includes 1.0).
+    """
+
+    def __init__(
+        self, edges: Sequence[float] = CONFIDENCE_EDGES, ignore_index: int = IGNORE_INDEX
+    ) -> None:
+        self.edges = torch.tensor(list(edges), dtype=torch.float64)
+        self.ignore_index = ignore_index
+        self.reset()
+
+    def reset(self) -> None:
+        n = len(self.edges) - 1
+        self.pixels = torch.zeros(n, dtype=torch.int64)
+        self.correct = torch.zeros(n, dtype=torch.int64)
+
+    def process(self, pred: torch.Tensor, confidence: torch.Tensor, label: torch.Tensor) -> None:
+        keep = label != self.ignore_index
+        conf = confidence[keep].double().cpu()
+        hit = (pred[keep] == label[keep]).cpu()
+        n = len(self.pixels)
+        bins = (torch.bucketize(conf, self.edges[1:-1].contiguous(), right=True)).clamp(0, n - 1)
+        self.pixels += torch.bincount(bins, minlength=n)
+        self.correct += torch.bincount(bins[hit], minlength=n)
+
+    def evaluate(self) -> list[dict]:
+        """One row per bin: range, share of pixels and accuracy (%), and for "confidence >=
+        the bin's lower edge" the share of pixels kept and their accuracy (%)."""
+        total = max(int(self.pixels.sum()), 1)
+        rows = []
+        for k in range(len(self.pixels)):
+            n, c = int(self.pixels[k]), int(self.correct[k])
+            above_n, above_c = int(self.pixels[k:].sum()), int(self.correct[k:].sum())
+            rows.append(
+                {
+                    "from": float(self.edges[k]),
+                    "to": float(self.edges[k + 1]),
+                    "pixels": n,
+                    "share": 100.0 * n / total,
+                    "accuracy": 100.0 * c / n if n else None,
+                    "kept_share": 100.0 * above_n / total,
+                    "kept_accuracy": 100.0 * above_c / above_n if above_n else None,
+                }
+            )
+        return rows

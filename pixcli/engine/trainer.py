@@ -50,10 +50,10 @@ EvalFn = Callable[[], dict]
 class TrainLoop:
     """Runs ``step_fn`` for ``cfg.iterations`` steps; see the module docstring.
 
-    ``modules`` are saved and restored by name; ``modules["model"]`` is the Segmentor whose
-    weights become ``model.pt``. ``meta`` is stored in every checkpoint (model config,
-    classes, palette, stage configuration); a resumed run must have the same ``meta["config"]``
-    except for the iteration count.
+    ``modules`` are saved and restored by name; ``modules[export]`` is the Segmentor whose
+    weights become ``model.pt`` and ``best.pt``. ``meta`` is stored in every checkpoint
+    (model config, classes, palette, stage configuration); a resumed run must have the same
+    ``meta["config"]`` except for the iteration count.
     """
 
     def __init__(
@@ -67,6 +67,7 @@ class TrainLoop:
         meta: dict,
         evaluate: EvalFn | None = None,
         scaler: torch.amp.GradScaler | None = None,
+        export: str = "model",
     ) -> None:
         self.out_dir = out_dir
         self.runtime = runtime
@@ -77,13 +78,14 @@ class TrainLoop:
         self.meta = meta
         self.evaluate = evaluate
         self.scaler = scaler
+        self.export = export
         self.step = 0
         self.best: dict = {}
         self.last_val: dict = {}
 
     # -- checkpoints ---------------------------------------------------------------------
     def _weights(self) -> dict:
-        model = unwrap(self.modules["model"])
+        model = unwrap(self.modules[self.export])
         return {
             "model_config": model.config.to_dict(),
             "state_dict": model.state_dict(),

@@ -39,6 +39,7 @@ class Backbone(nn.Module):
         channels: channels of each returned feature map (``feature_info.channels()``).
         reductions: stride of each returned feature map wrt the input
             (``feature_info.reduction()``; accounts for ``output_stride`` dilation).
+        nhwc: the timm model returns NHWC maps, permuted here to NCHW.
     """
 
     def __init__(self, body: nn.Module) -> None:
@@ -47,11 +48,11 @@ class Backbone(nn.Module):
         self.channels: list[int] = list(body.feature_info.channels())
         self.reductions: list[int] = list(body.feature_info.reduction())
         fmt = getattr(body, "output_fmt", "NCHW")
-        self._nhwc = str(getattr(fmt, "value", fmt)) == "NHWC"
+        self.nhwc = str(getattr(fmt, "value", fmt)) == "NHWC"
 
     def forward(self, x: Tensor) -> list[Tensor]:
         feats = self.body(x)
-        if self._nhwc:
+        if self.nhwc:
             return [f.permute(0, 3, 1, 2) for f in feats]
         return list(feats)
 

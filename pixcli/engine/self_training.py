@@ -1,0 +1,142 @@
+"""The self-training step every adaptation method plugs into.
+
+One step (UDA; DAFormer/DACS as the baseline every paper measures against):
+
+1. labelled batch -> student -> cross-entropy (source CE, CPSL Eq. 3);
+2. unlabelled batch, weak view (crop + flip) -> EMA teacher -> probabilities -> hard pseudo
+   labels and per-image confidence weights (``losses.self_training``);
+3. the method's hook may change labels and weights (CPSL: rectification, Eq. 1);
+4. ClassMix of labelled and unlabelled images (optional), then the strong photometric
+   view (``data.mixing``) -> student -> weighted cross-entropy on the mixed labels;
+5. the method's extra loss terms; one backward pass; optimiser step;
+6. EMA teacher update (momentum, optionally DAFormer's ramp), then the method's
+   ``after_step``.
+
+With no unlabelled stream (``--setting supervised``) steps 2-4 are skipped.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from pixcli.data.mixing import classmix_masks, mix, strong_view
+from pixcli.engine.runtime import Runtime, unwrap
+from pixcli.losses.self_training import (
+    ema_momentum,
+    ema_update,
+    pseudo_labels_and_weights,
+    weighted_cross_entropy,
+)
+from pixcli.methods.base import Method, StepContext
+
+
+@dataclass
+class SelfTrainingConfig:
+    """The shared loop's settings; defaults are DAFormer's (Hoyer et al., CVPR 2022)."""
+
+    ema_momentum: float = 0.999  # DAFormer, CPSL Sec. 4.1
+    ema_ramp: bool = True  # alpha_t = min(1 - 1/(t+1), ema_momentum) (DAFormer)
+    confidence_threshold: float = 0.968  # DAFormer Eq. 5 / PGPC Eq. 3 / PiXL Eq. 11
+    classmix: bool = True  # DACS mixing of labelled into unlabelled images
+    strong_jitter: float = 0.2  # DACS colour jitter strength
+    strong_blur_prob: float = 0.5  # DACS blur probability
+    unlabelled_weight: float = 1.0  # weight of the unlabelled (mixed) CE term
+
+
+def full_size(logits: Tensor, like: Tensor) -> Tensor:
+    return F.interpolate(logits.float(), size=like.shape[-2:], mode="bilinear", align_corners=False)
+
+
+class SelfTrainingStep:
+    """Callable ``step(t) -> logs`` for :class:`pixcli.engine.trainer.TrainLoop`."""
+
+    def __init__(
+        self,
+        cfg: SelfTrainingConfig,
+        runtime: Runtime,
+        student: nn.Module,
+        teacher: nn.Module,
+        method: Method,
+        optimizer: torch.optim.Optimizer,
+        scaler: torch.amp.GradScaler,
+        labelled: Iterator[dict],
+        unlabelled: Iterator[dict] | None,
+        seed: int = 0,
+    ) -> None:
+        self.cfg = cfg
+        self.runtime = runtime
+        self.student = student
+        self.teacher = teacher
+        self.method = method
+        self.optimizer = optimizer
+        self.scaler = scaler
+        self.labelled = labelled
+        self.unlabelled = unlabelled
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def __call__(self, step: int) -> dict[str, float]:
+        dev = self.runtime.device
+        batch = next(self.labelled)
+        ctx = StepContext(
+            step=step,
+            labelled_image=batch["image"].to(dev, non_blocking=True),
+            labelled_label=batch["label"].to(dev, non_blocking=True),
+        )
+        losses: dict[str, Tensor] = {}
+        with self.runtime.autocast():
+            ctx.student_labelled = self.student(ctx.labelled_image)
+            losses["ce_labelled"] = F.cross_entropy(
+                full_size(ctx.student_labelled.logits, ctx.labelled_image),
+                ctx.labelled_label,
+                ignore_index=255,
+            )
+            if self.unlabelled is not None:
+                losses["ce_unlabelled"] = self.cfg.unlabelled_weight * self._unlabelled(ctx)
+            losses.update(self.method.losses(ctx))
+        total = sum(losses.values())
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(total).backward()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        momentum = ema_momentum(step, self.cfg.ema_momentum, self.cfg.ema_ramp)
+        ema_update(self.teacher, unwrap(self.student), momentum)
+        self.method.after_step(ctx)
+        logs = {k: float(v.detach()) for k, v in losses.items()}
+        logs.update({k: float(v) for k, v in ctx.extras.items()})
+        return logs
+
+    def _unlabelled(self, ctx: StepContext) -> Tensor:
+        assert self.unlabelled is not None
+        batch = next(self.unlabelled)
+        dev = self.runtime.device
+        ctx.unlabelled_image = batch["image"].to(dev, non_blocking=True)
+        ctx.unlabelled_index = batch["index"]
+        ctx.unlabelled_geometry = batch["geometry"]
+        with torch.no_grad():
+            ctx.teacher_output = self.teacher(ctx.unlabelled_image)
+            ctx.teacher_logits = full_size(ctx.teacher_output.logits, ctx.unlabelled_image)
+            labels, weights = pseudo_labels_and_weights(
+                ctx.teacher_logits.softmax(1), self.cfg.confidence_threshold
+            )
+        ctx.pseudo_label, ctx.pseudo_weight = labels, weights
+        labels, weights = self.method.target_labels(ctx)
+        ctx.pseudo_label, ctx.pseudo_weight = labels, weights
+        image = ctx.unlabelled_image
+        if self.cfg.classmix:
+            n = min(image.shape[0], ctx.labelled_image.shape[0])
+            ctx.mix_mask = classmix_masks(ctx.labelled_label[:n], self.generator)
+            image = mix(ctx.mix_mask, ctx.labelled_image[:n], image[:n])
+            labels = mix(ctx.mix_mask, ctx.labelled_label[:n], labels[:n])
+            weights = mix(ctx.mix_mask, torch.ones_like(weights[:n]), weights[:n])
+        ctx.mixed_image = strong_view(
+            image, self.cfg.strong_jitter, self.cfg.strong_blur_prob, self.generator
+        )
+        ctx.student_unlabelled = self.student(ctx.mixed_image)
+        logits = full_size(ctx.student_unlabelled.logits, ctx.mixed_image)
+        return weighted_cross_entropy(logits, labels, weights)
+

@@ -1,0 +1,9 @@
+"""Adaptation methods as plug-ins of the self-training loop: name -> class."""
+
+from __future__ import annotations
+
+from pixcli.methods.base import Method, MethodSetup, StepContext
+
+METHODS: dict[str, type[Method]] = {"none": Method}
+
+__all__ = ["METHODS", "Method", "MethodSetup", "StepContext"]

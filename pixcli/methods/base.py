@@ -1,0 +1,85 @@
+"""The plug-in interface of the self-training loop (``pixcli.engine.self_training``).
+
+A method is an ``nn.Module`` (so its heads and buffers — memory banks, running class
+distributions — are trained, saved and resumed with the run) that may:
+
+- hold extra heads, trained at ``lr * head_lr_mult`` (its parameters);
+- change the target labels and their weights (``target_labels``), e.g. CPSL's rectification;
+- add loss terms (``losses``), already weighted;
+- update its state after the optimiser step (``after_step``), e.g. queues and momentum heads.
+
+The loop knows no method by name. ``Method`` itself is the plain self-training baseline
+(``--method none``): the teacher's pseudo labels, unchanged, and no extra loss.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from pixcli.data.readers import SegDataset
+from pixcli.models.segmentor import SegOutput
+
+
+@dataclass
+class MethodSetup:
+    """What a method may need to build itself."""
+
+    num_classes: int
+    feature_dim: int
+    device: torch.device
+    unlabelled: SegDataset | None = None  # the unlabelled stream's dataset (target)
+    pseudo: Path | None = None  # pseudo.h5 from `pixcli pseudolabel`
+    total_steps: int = 1
+
+
+@dataclass
+class StepContext:
+    """One step's tensors, at the input resolution unless said otherwise.
+
+    ``student_*`` outputs are at the model's output stride (``SegOutput``). ``mix_mask`` is 1
+    where the mixed image shows the labelled image (None without mixing).
+    """
+
+    step: int
+    labelled_image: Tensor
+    labelled_label: Tensor
+    unlabelled_image: Tensor | None = None  # weak view
+    unlabelled_index: Tensor | None = None  # dataset indices
+    unlabelled_geometry: Tensor | None = None  # (B, 7) CropGeometry rows
+    teacher_logits: Tensor | None = None  # teacher on the weak view, full resolution
+    teacher_output: SegOutput | None = None  # teacher's raw output on the weak view
+    pseudo_label: Tensor | None = None  # (B, H, W) after the method's hook
+    pseudo_weight: Tensor | None = None  # (B, H, W)
+    mix_mask: Tensor | None = None
+    mixed_image: Tensor | None = None  # the student's unlabelled input (mixed + strong)
+    student_labelled: SegOutput | None = None
+    student_unlabelled: SegOutput | None = None
+    extras: dict = field(default_factory=dict)
+
+
+class Method(nn.Module):
+    """The baseline; subclasses override what their paper adds."""
+
+    name = "none"
+    needs_pseudo_file = False
+
+    def __init__(self, setup: MethodSetup) -> None:
+        super().__init__()
+        self.setup = setup
+
+    def target_labels(self, ctx: StepContext) -> tuple[Tensor, Tensor]:
+        """Labels and per-pixel weights for the unlabelled images (default: unchanged)."""
+        assert ctx.pseudo_label is not None and ctx.pseudo_weight is not None
+        return ctx.pseudo_label, ctx.pseudo_weight
+
+    def losses(self, ctx: StepContext) -> dict[str, Tensor]:
+        """Extra loss terms, already weighted (default: none)."""
+        return {}
+
+    @torch.no_grad()
+    def after_step(self, ctx: StepContext) -> None:
+        """State updates after the optimiser step (default: none)."""

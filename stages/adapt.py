@@ -1,0 +1,204 @@
+"""``pixcli adapt``: self-training from a warmed-up checkpoint, with a method plugged in.
+
+Settings: ``uda`` (labelled source + unlabelled target), ``semi`` (a labelled part of the
+target + the rest unlabelled; ``--labeled-fraction`` or ``--labeled-list``), ``supervised``
+(labelled data only). Writes ``model.pt`` (the last student), ``best.pt`` (best on
+``--val``), ``last.pt`` (resumable), ``train_log.jsonl``, ``manifest.json``, and for ``semi``
+``labelled.txt`` / ``unlabelled.txt``.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from pixcli.artifacts import file_fingerprint, write_manifest
+from pixcli.config import to_dict
+from pixcli.data.readers import SegDataset, open_dataset
+from pixcli.data.training_set import SegTrainSet, infinite_loader
+from pixcli.data.transforms import AugmentConfig
+from pixcli.engine.evaluation import evaluate_dataset
+from pixcli.engine.inference import InferenceConfig
+from pixcli.engine.optim import OptimConfig, build_optimizer
+from pixcli.engine.runtime import setup_runtime, shutdown, unwrap, wrap_ddp
+from pixcli.engine.self_training import SelfTrainingConfig, SelfTrainingStep
+from pixcli.engine.trainer import LoopConfig, TrainLoop
+from pixcli.errors import UserError
+from pixcli.methods import METHODS, MethodSetup
+from stages.common import Timer, load_model_for, open_labelled, prepare_out_dir
+
+SETTINGS = ("uda", "semi", "supervised")
+
+
+@dataclass
+class AdaptConfig:
+    method: str = "none"  # none | cpsl | pgpc | pixl | ipixmatch
+    setting: str = "uda"  # uda | semi | supervised
+    source: str | None = None  # KIND:PATH, labelled (uda, supervised)
+    source_split: str = "train"
+    target: str | None = None  # KIND:PATH (uda: unlabelled; semi: partly labelled)
+    target_split: str = "train"
+    val: str | None = None
+    val_split: str = "val"
+    pseudo: str | None = None  # pseudo.h5 (cpsl)
+    labeled_fraction: float | None = None  # semi: labelled share of the target
+    labeled_list: str | None = None  # semi: file with one labelled image name per line
+    eval_model: str = "student"  # which network val and model.pt use: student | teacher
+    seed: int = 0
+    device: str = "auto"
+    amp: bool = True
+    batch_size: int = 4
+    num_workers: int = 2
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    loop: LoopConfig = field(default_factory=LoopConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    self_training: SelfTrainingConfig = field(default_factory=SelfTrainingConfig)
+    eval: InferenceConfig = field(default_factory=InferenceConfig)
+
+
+def split_labelled(
+    dataset: SegDataset, fraction: float | None, listing: Path | None, seed: int
+) -> tuple[list[int], list[int]]:
+    """Labelled and unlabelled indices: a seeded random ``fraction`` or the names listed."""
+    n = len(dataset)
+    if listing is not None:
+        if not listing.is_file():
+            raise UserError(f"--labeled-list {listing}: file not found")
+        wanted = {line.strip() for line in listing.read_text().splitlines() if line.strip()}
+        names = [item[2] for item in dataset.items]
+        unknown = sorted(wanted - set(names))
+        if unknown:
+            raise UserError(f"--labeled-list {listing}: '{unknown[0]}' is not in the dataset")
+        labelled = [i for i, name in enumerate(names) if name in wanted]
+    elif fraction is not None:
+        if not 0 < fraction < 1:
+            raise UserError(f"--labeled-fraction {fraction}: must lie between 0 and 1")
+        order = np.random.default_rng(seed).permutation(n)
+        labelled = sorted(int(i) for i in order[: max(1, round(fraction * n))])
+    else:
+        raise UserError("--setting semi needs --labeled-fraction F or --labeled-list FILE")
+    chosen = set(labelled)
+    return labelled, [i for i in range(n) if i not in chosen]
+
+
+def _streams(cfg: AdaptConfig, out: Path, is_main: bool) -> tuple[SegDataset, SegDataset | None]:
+    """The labelled and unlabelled datasets of the setting."""
+    if cfg.setting not in SETTINGS:
+        raise UserError(f"--setting {cfg.setting}: expected one of {', '.join(SETTINGS)}")
+    if cfg.setting == "semi":
+        if not cfg.target:
+            raise UserError("--setting semi needs --target (the partly labelled data)")
+        target = open_dataset(cfg.target, cfg.target_split)
+        listing = Path(cfg.labeled_list) if cfg.labeled_list else None
+        lab, unlab = split_labelled(target, cfg.labeled_fraction, listing, cfg.seed)
+        if is_main:
+            for name, idx in (("labelled", lab), ("unlabelled", unlab)):
+                (out / f"{name}.txt").write_text("".join(target.items[i][2] + "\n" for i in idx))
+        labelled = target.subset(lab)
+        if not labelled.has_labels:
+            raise UserError(f"--target {cfg.target}: the labelled part has no label files")
+        return labelled, target.subset(unlab) if unlab else None
+    if not cfg.source:
+        raise UserError(f"--setting {cfg.setting} needs --source (KIND:PATH of labelled data)")
+    source = open_labelled(cfg.source, cfg.source_split, "--source")
+    if cfg.setting == "supervised":
+        return source, None
+    if not cfg.target:
+        raise UserError("--setting uda needs --target (KIND:PATH of unlabelled target data)")
+    return source, open_dataset(cfg.target, cfg.target_split)
+
+
+def run(cfg: AdaptConfig, checkpoint: Path, out: Path, method_cfg: object = None) -> dict:
+    """Adapt the model in ``checkpoint``; see the module docstring."""
+    if cfg.method not in METHODS:
+        raise UserError(f"--method {cfg.method}: expected one of {', '.join(METHODS)}")
+    method_cls = METHODS[cfg.method]
+    if method_cls.needs_pseudo_file and not cfg.pseudo:
+        raise UserError(f"--method {cfg.method} needs --pseudo pseudo.h5 (pixcli pseudolabel)")
+    timer = Timer()
+    out.mkdir(parents=True, exist_ok=True)
+    runtime = setup_runtime(cfg.device, cfg.amp, cfg.seed)
+    labelled, unlabelled = _streams(cfg, out, runtime.is_main)
+    val = open_labelled(cfg.val, cfg.val_split, "--val") if cfg.val else None
+    inputs = {"checkpoint": file_fingerprint(checkpoint), "labelled": labelled.fingerprint()}
+    if unlabelled is not None:
+        inputs["unlabelled"] = unlabelled.fingerprint()
+    if cfg.pseudo:
+        inputs["pseudo"] = file_fingerprint(Path(cfg.pseudo))
+    done = prepare_out_dir(out, "adapt", inputs)
+    if done is not None:
+        return done
+
+    student, ckpt = load_model_for(checkpoint, labelled, runtime)
+    student.train()
+    teacher = copy.deepcopy(student).eval().requires_grad_(False)
+    setup = MethodSetup(
+        num_classes=student.config.num_classes,
+        feature_dim=student.config.feature_dim,
+        device=runtime.device,
+        unlabelled=unlabelled,
+        pseudo=Path(cfg.pseudo) if cfg.pseudo else None,
+        total_steps=cfg.loop.iterations,
+    )
+    method = method_cls(setup, method_cfg) if method_cfg is not None else method_cls(setup)
+    method.to(runtime.device)
+    ddp_student = wrap_ddp(student, runtime)
+    groups = student.param_groups(cfg.optim.lr, cfg.optim.head_lr_mult)
+    method_params = [p for p in method.parameters() if p.requires_grad]
+    if method_params:
+        groups.append({"params": method_params, "lr": getattr(method, "head_lr", cfg.optim.lr)})
+    optimizer = build_optimizer(groups, cfg.optim)
+    scaler = torch.amp.GradScaler(
+        "cuda", enabled=runtime.amp and runtime.amp_dtype == torch.float16
+    )
+    meta = {
+        "stage": "adapt",
+        "classes": list(ckpt["classes"]),
+        "palette": ckpt.get("palette", []),
+        "config": {**to_dict(cfg), "method_config": to_dict(method_cfg) if method_cfg else {}},
+        "inputs": inputs,
+    }
+    eval_net = (lambda: teacher) if cfg.eval_model == "teacher" else (lambda: unwrap(ddp_student))
+
+    def evaluate() -> dict:
+        assert val is not None
+        return evaluate_dataset(eval_net(), val, cfg.eval, runtime, show_progress=False)
+
+    modules = {"model": student, "teacher": teacher, "method": method}
+    loop = TrainLoop(
+        out, runtime, cfg.loop, cfg.optim, modules, {"model": optimizer}, meta,
+        evaluate=evaluate if val is not None else None, scaler=scaler,
+        export="teacher" if cfg.eval_model == "teacher" else "model",
+    )  # fmt: skip
+    start = loop.resume()
+
+    def stream(ds: SegDataset, salt: int) -> object:
+        seed = cfg.seed + 7919 * start + 1000 * runtime.rank + salt
+        return infinite_loader(
+            SegTrainSet(ds, cfg.augment, seed=seed), cfg.batch_size, seed=seed,
+            num_workers=cfg.num_workers,
+        )  # fmt: skip
+
+    step = SelfTrainingStep(
+        cfg.self_training, runtime, ddp_student, teacher, method, optimizer, scaler,
+        stream(labelled, 0), stream(unlabelled, 1) if unlabelled is not None else None,  # type: ignore[arg-type]
+        seed=cfg.seed + start,
+    )  # fmt: skip
+    result = loop.run(step)
+    results = {
+        "method": cfg.method,
+        "setting": cfg.setting,
+        "iterations": result["step"],
+        "val_last": result["last"],
+        "val_best": result["best"],
+        "model.pt": f"the last {cfg.eval_model}; best.pt: best on --val",
+    }
+    manifest: dict = {}
+    if runtime.is_main:
+        manifest = write_manifest(out, "adapt", meta["config"], inputs, results, timer.seconds())
+    shutdown(runtime)
+    return manifest

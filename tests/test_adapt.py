@@ -1,0 +1,139 @@
+"""The shared self-training loop (`pixcli adapt`) on tiny data."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from tiny import tiny_warmup
+
+from pixcli.artifacts import load_checkpoint
+from pixcli.data.mixing import classmix_masks, mix
+from pixcli.errors import UserError
+from pixcli.losses.self_training import (
+    ema_momentum,
+    ema_update,
+    pseudo_labels_and_weights,
+    weighted_cross_entropy,
+)
+from stages import adapt, warmup
+
+
+@pytest.fixture(scope="module")
+def warm(tiny_bench: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("warm")
+    cfg = tiny_warmup(tiny_bench)
+    cfg.loop.iterations = 2
+    warmup.run(cfg, out)
+    return out / "model.pt"
+
+
+def _cfg(bench: Path, **kw: object) -> adapt.AdaptConfig:
+    base = tiny_warmup(bench)
+    cfg = adapt.AdaptConfig(
+        source=f"gta5:{bench / 'source'}",
+        target=f"cityscapes:{bench / 'target'}",
+        val=f"cityscapes:{bench / 'target'}",
+        device="cpu",
+        batch_size=2,
+        num_workers=0,
+        optim=base.optim,
+        loop=base.loop,
+        augment=base.augment,
+    )
+    for k, v in kw.items():
+        setattr(cfg, k, v)
+    return cfg
+
+
+def test_confidence_weight_is_one_scalar_per_image():
+    probs = torch.tensor([[0.99, 0.6], [0.01, 0.4]]).view(1, 2, 1, 2)  # pixel maxima .99, .6
+    probs = torch.cat([probs, probs.flip(1)])
+    labels, weights = pseudo_labels_and_weights(probs, 0.968)
+    assert labels.tolist() == [[[0, 0]], [[1, 1]]]
+    assert torch.allclose(weights, torch.full((2, 1, 2), 0.5))
+
+
+def test_weighted_cross_entropy_by_hand():
+    logits = torch.tensor([[2.0, 0.0], [0.0, 0.0]]).T.reshape(
+        1, 2, 1, 2
+    )  # pixel0 (2,0), pixel1 (0,0)
+    labels = torch.tensor([[[0, 255]]])
+    weights = torch.tensor([[[0.5, 1.0]]])
+    expected = 0.5 * -torch.log_softmax(torch.tensor([2.0, 0.0]), 0)[0]
+    assert torch.isclose(weighted_cross_entropy(logits, labels, weights), expected)
+
+
+def test_ema_update_and_ramp():
+    t, s = torch.nn.Linear(1, 1), torch.nn.Linear(1, 1)
+    with torch.no_grad():
+        t.weight.fill_(1.0)
+        s.weight.fill_(3.0)
+    ema_update(t, s, 0.75)
+    assert t.weight.item() == pytest.approx(1.5)
+    assert ema_momentum(0, 0.999, True) == 0.0
+    assert ema_momentum(9, 0.999, True) == pytest.approx(0.9)
+    assert ema_momentum(10**6, 0.999, True) == 0.999
+    assert ema_momentum(0, 0.99, False) == 0.99
+
+
+def test_classmix_takes_half_the_classes_of_the_labelled_image():
+    lab = torch.tensor([[[0, 1, 2, 3], [0, 1, 255, 3]]])
+    masks = classmix_masks(lab, torch.Generator().manual_seed(0))
+    chosen = lab[masks[:, 0].bool()].unique()
+    assert len(chosen) == 2 and 255 not in chosen.tolist()
+    mixed = mix(masks, lab, torch.full_like(lab, 9))
+    assert set(mixed.unique().tolist()) == set(chosen.tolist()) | {9}
+
+
+def test_adapt_none_runs_and_saves_student_teacher_and_method(
+    tiny_bench: Path, warm: Path, tmp_path: Path
+):
+    manifest = adapt.run(_cfg(tiny_bench), warm, tmp_path / "a")
+    assert manifest["complete"] and manifest["results"]["iterations"] == 4
+    state = load_checkpoint(tmp_path / "a" / "last.pt")["train_state"]["modules"]
+    assert set(state) == {"model", "teacher", "method"}
+    log = [json.loads(x) for x in (tmp_path / "a" / "train_log.jsonl").read_text().splitlines()]
+    assert all("ce_unlabelled" in e for e in log if "ce_labelled" in e)
+    # the teacher moved towards the student, and differs from it (EMA)
+    start = load_checkpoint(warm)["state_dict"]
+    key = next(k for k in start if k.endswith("weight") and start[k].dim() == 4)
+    assert not torch.equal(state["teacher"][key], start[key])
+    assert not torch.equal(state["teacher"][key], state["model"][key])
+
+
+def test_semi_setting_writes_a_reproducible_split(tiny_bench: Path, warm: Path, tmp_path: Path):
+    cfg = _cfg(tiny_bench, setting="semi", source=None, labeled_fraction=0.5)
+    adapt.run(cfg, warm, tmp_path / "s")
+    lab = (tmp_path / "s" / "labelled.txt").read_text().split()
+    unlab = (tmp_path / "s" / "unlabelled.txt").read_text().split()
+    assert len(lab) == 2 and len(unlab) == 2 and not set(lab) & set(unlab)
+    listing = tmp_path / "list.txt"
+    listing.write_text("\n".join(lab))
+    cfg2 = _cfg(tiny_bench, setting="semi", source=None, labeled_list=str(listing))
+    cfg2.loop.iterations = 1
+    adapt.run(cfg2, warm, tmp_path / "s2")
+    assert (tmp_path / "s2" / "labelled.txt").read_text().split() == lab
+
+
+def test_supervised_setting_has_no_unlabelled_stream(tiny_bench: Path, warm: Path, tmp_path: Path):
+    adapt.run(_cfg(tiny_bench, setting="supervised", target=None), warm, tmp_path / "p")
+    log = (tmp_path / "p" / "train_log.jsonl").read_text()
+    assert "ce_labelled" in log and "ce_unlabelled" not in log
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"method": "magic"}, "--method magic"),
+        ({"setting": "weird"}, "--setting weird"),
+        ({"target": None}, "needs --target"),
+        ({"setting": "semi", "labeled_fraction": None}, "needs --labeled-fraction"),
+        ({"setting": "semi", "labeled_fraction": 1.5}, "between 0 and 1"),
+    ],
+)
+def test_adapt_user_errors(tiny_bench: Path, warm: Path, tmp_path: Path, changes, message):
+    with pytest.raises(UserError, match=message):
+        adapt.run(_cfg(tiny_bench, **changes), warm, tmp_path / "x")
