@@ -491,31 +491,61 @@ def _verified_done(fh: h5py.File) -> np.ndarray:
 # ---------------------------------------------------------------------------- merging
 
 
-def _owners(files: Sequence[h5py.File], paths: Sequence[Path]) -> np.ndarray:
-    """For every image, the index of the work file holding it; all images must be done."""
-    n = len(files[0]["done"])
-    owner = np.full(n, -1)
-    for k, fh in enumerate(files):
-        owner[fh["done"][()] == 1] = k
-    if (owner < 0).any():
-        missing = int((owner < 0).sum())
-        raise RuntimeError(f"{paths[0].parent}: {missing} images are in no work file")
-    return owner
+class _WorkFiles:
+    """The work files of one run, open for reading; ``owner[i]`` is the one holding image i
+    (every image must be done in one of them)."""
 
+    def __init__(self, paths: Sequence[Path]) -> None:
+        self.paths = list(paths)
+        self.files: list[h5py.File] = []
 
-def image_stats(work_files: Sequence[Path]) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Per image, in image order: (feature sums ``C x D``, class counts ``C``) from the work
-    files (which together must hold every image)."""
-    files = [open_h5(p) for p in work_files]
-    try:
-        owner = _owners(files, work_files)
-        for i, k in enumerate(owner):
-            fh, path = files[k], work_files[k]
-            sums = _read(path, f"image {i}", lambda fh=fh, i=i: fh["feature_sums_per_image"][i])
-            yield torch.from_numpy(sums), torch.from_numpy(fh["class_counts_per_image"][i])
-    finally:
-        for fh in files:
+    def __enter__(self) -> _WorkFiles:
+        try:
+            for path in self.paths:
+                self.files.append(open_h5(path))
+            self.owner = np.full(len(self.files[0]["names"]), -1)
+            for k, fh in enumerate(self.files):
+                self.owner[fh["done"][()] == 1] = k
+        except BaseException:
+            self.__exit__()
+            raise
+        if (self.owner < 0).any():
+            self.__exit__()
+            missing = int((self.owner < 0).sum())
+            raise RuntimeError(f"{self.paths[0].parent}: {missing} images are in no work file")
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for fh in self.files:
             fh.close()
+
+    def rows(self, name: str, start: int, stop: int) -> np.ndarray:
+        """Rows ``start:stop`` of dataset ``name``, each from the work file holding it."""
+        out: np.ndarray | None = None
+        for k, (fh, path) in enumerate(zip(self.files, self.paths, strict=True)):
+            mine = self.owner[start:stop] == k
+            if mine.any():
+                block = _read(
+                    path, f"images {start}-{stop - 1}", lambda fh=fh: fh[name][start:stop]
+                )
+                out = np.zeros_like(block) if out is None else out
+                out[mine] = block[mine]
+        assert out is not None
+        return out
+
+
+def image_stats(
+    work_files: Sequence[Path], block: int = 256
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Per image, in image order: (feature sums ``C x D``, class counts ``C``) from the work
+    files, read ``block`` images at a time."""
+    with _WorkFiles(work_files) as wf:
+        for start in range(0, len(wf.owner), block):
+            stop = min(start + block, len(wf.owner))
+            sums = wf.rows("feature_sums_per_image", start, stop)
+            counts = wf.rows("class_counts_per_image", start, stop)
+            for j in range(stop - start):
+                yield torch.from_numpy(sums[j]), torch.from_numpy(counts[j])
 
 
 def merge(
@@ -529,38 +559,37 @@ def merge(
     """Write the finished ``out`` (pseudo.h5) atomically: every image's chunks copied
     verbatim from the work file holding it, plus prototypes (Eq. 7), counts and the class
     distribution (Eq. 10)."""
-    files = [open_h5(p) for p in work_files]
-    try:
-        for fh, path in zip(files, work_files, strict=True):
+    with _WorkFiles(work_files) as wf:
+        for fh, path in zip(wf.files, wf.paths, strict=True):
             problem = header.mismatch(Header.from_file(fh))
             if problem:
                 raise UserError(f"{path}: work file was {problem}")
-        owner = _owners(files, work_files)
 
         def write(tmp: Path) -> None:
             with h5py.File(tmp, "w") as dst:
-                _layout(dst, header, files[0]["image_size"][()], work=False)
-                for i, k in enumerate(owner):
-                    _copy_image(files[k], dst, i, work_files[k])
+                _layout(dst, header, wf.files[0]["image_size"][()], work=False)
+                for name in CHUNKED:
+                    src = [fh[name].id for fh in wf.files]
+                    _copy_chunks(src, dst[name].id, wf.owner, wf.paths)
+                n = len(wf.owner)
+                dst["class_counts_per_image"][...] = wf.rows("class_counts_per_image", 0, n)
                 dst["prototypes"][...] = prototypes.cpu().float().numpy()
                 dst["class_counts"][...] = class_counts.cpu().numpy()
                 dst["class_distribution"][...] = distribution.cpu().double().numpy()
                 dst.attrs["complete"] = 1
 
         atomic_write(out, write)
-    finally:
-        for fh in files:
-            fh.close()
 
 
-def _copy_image(src: h5py.File, dst: h5py.File, i: int, path: Path) -> None:
-    for name in CHUNKED:
-        coord = (i,) + (0,) * (src[name].ndim - 1)
-        mask, data = _read(
-            path, f"image {i}", lambda n=name, c=coord: src[n].id.read_direct_chunk(c)
-        )
-        dst[name].id.write_direct_chunk(coord, data, mask)
-    dst["class_counts_per_image"][i] = src["class_counts_per_image"][i]
+def _copy_chunks(
+    src: list[h5py.h5d.DatasetID], dst: h5py.h5d.DatasetID, owner: np.ndarray, paths: list[Path]
+) -> None:
+    """Image i's chunk from ``src[owner[i]]`` to ``dst``, compressed bytes as they are."""
+    rank = dst.rank
+    for i, k in enumerate(owner):
+        coord = (i,) + (0,) * (rank - 1)
+        mask, data = _read(paths[k], f"image {i}", lambda k=k, c=coord: src[k].read_direct_chunk(c))
+        dst.write_direct_chunk(coord, data, mask)
 
 
 # ---------------------------------------------------------------------------- reading

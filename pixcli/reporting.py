@@ -64,10 +64,8 @@ def confidence_table(rows: Sequence[dict], title: str) -> Table:
     return table
 
 
-EMBEDDING_COLUMNS = (
-    "checkpoint", "feature (dim)", "points", "classes",
-    "Calinski-Harabasz ↑", "Davies-Bouldin ↓", "silhouette ↑",
-)  # fmt: skip
+# CH: Calinski-Harabasz, DB: Davies-Bouldin (see pixcli.engine.embedding.cluster_scores).
+EMBEDDING_COLUMNS = ("checkpoint", "feature", "points", "CH ↑", "DB ↓", "silhouette ↑")
 
 
 def embedding_rows(entries: Sequence[dict]) -> list[list[str]]:
@@ -75,9 +73,8 @@ def embedding_rows(entries: Sequence[dict]) -> list[list[str]]:
     return [
         [
             e["name"],
-            f"{e['feature']} ({e['dim']})",
+            f"{e['feature']} {e['dim']}",
             str(e["points"]),
-            str(e["classes"]),
             _fmt(e["calinski_harabasz"]),
             _fmt(e["davies_bouldin"], 3),
             _fmt(e["silhouette"], 3),
@@ -88,7 +85,7 @@ def embedding_rows(entries: Sequence[dict]) -> list[list[str]]:
 
 def embedding_table(entries: Sequence[dict], title: str) -> Table:
     """How well each checkpoint's pixel features separate the classes."""
-    table = Table(title=title)
+    table = Table(title=title, caption="CH: Calinski-Harabasz, DB: Davies-Bouldin")
     for i, col in enumerate(EMBEDDING_COLUMNS):
         table.add_column(col, justify="left" if i < 2 else "right")
     for row in embedding_rows(entries):

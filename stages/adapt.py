@@ -28,6 +28,7 @@ from pixcli.engine.runtime import setup_runtime, shutdown, unwrap, wrap_ddp
 from pixcli.engine.self_training import SelfTrainingConfig, SelfTrainingStep
 from pixcli.engine.trainer import LoopConfig, TrainLoop
 from pixcli.errors import UserError
+from pixcli.losses.cpsl import CPSLConfig
 from pixcli.methods import METHODS, MethodSetup
 from stages.common import Timer, load_model_for, open_labelled, prepare_out_dir
 
@@ -58,6 +59,7 @@ class AdaptConfig:
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     self_training: SelfTrainingConfig = field(default_factory=SelfTrainingConfig)
     eval: InferenceConfig = field(default_factory=InferenceConfig)
+    cpsl: CPSLConfig = field(default_factory=CPSLConfig)  # [cpsl] section, --method cpsl
 
 
 def split_labelled(
@@ -112,7 +114,7 @@ def _streams(cfg: AdaptConfig, out: Path, is_main: bool) -> tuple[SegDataset, Se
     return source, open_dataset(cfg.target, cfg.target_split)
 
 
-def run(cfg: AdaptConfig, checkpoint: Path, out: Path, method_cfg: object = None) -> dict:
+def run(cfg: AdaptConfig, checkpoint: Path, out: Path) -> dict:
     """Adapt the model in ``checkpoint``; see the module docstring."""
     if cfg.method not in METHODS:
         raise UserError(f"--method {cfg.method}: expected one of {', '.join(METHODS)}")
@@ -144,13 +146,14 @@ def run(cfg: AdaptConfig, checkpoint: Path, out: Path, method_cfg: object = None
         pseudo=Path(cfg.pseudo) if cfg.pseudo else None,
         total_steps=cfg.loop.iterations,
     )
+    method_cfg = getattr(cfg, cfg.method, None)  # the method's own section, if it has one
     method = method_cls(setup, method_cfg) if method_cfg is not None else method_cls(setup)
     method.to(runtime.device)
     ddp_student = wrap_ddp(student, runtime)
     groups = student.param_groups(cfg.optim.lr, cfg.optim.head_lr_mult)
     method_params = [p for p in method.parameters() if p.requires_grad]
     if method_params:
-        groups.append({"params": method_params, "lr": getattr(method, "head_lr", cfg.optim.lr)})
+        groups.append({"params": method_params, "lr": cfg.optim.lr * method.head_lr_mult})
     optimizer = build_optimizer(groups, cfg.optim)
     scaler = torch.amp.GradScaler(
         "cuda", enabled=runtime.amp and runtime.amp_dtype == torch.float16
@@ -159,7 +162,7 @@ def run(cfg: AdaptConfig, checkpoint: Path, out: Path, method_cfg: object = None
         "stage": "adapt",
         "classes": list(ckpt["classes"]),
         "palette": ckpt.get("palette", []),
-        "config": {**to_dict(cfg), "method_config": to_dict(method_cfg) if method_cfg else {}},
+        "config": to_dict(cfg),
         "inputs": inputs,
     }
     eval_net = (lambda: teacher) if cfg.eval_model == "teacher" else (lambda: unwrap(ddp_student))

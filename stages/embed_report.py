@@ -251,10 +251,11 @@ def report_markdown(report: dict) -> str:
         "",
         markdown_table(EMBEDDING_COLUMNS, embedding_rows(entries)),
         "",
-        "Calinski-Harabasz (higher is better) and Davies-Bouldin (lower is better) are computed "
-        "on the full-dimensional features; the silhouette (in [-1, 1], higher is better) on a "
-        f"random subset of at most {report['silhouette_points']} of them. The pictures are "
-        f"t-SNE embeddings (perplexity {report['tsne']['perplexity']}) of the same points.",
+        "CH (Calinski-Harabasz, higher is better) and DB (Davies-Bouldin, lower is better) are "
+        "computed on the full-dimensional features; the silhouette (in [-1, 1], higher is "
+        f"better) on a random subset of at most {report['silhouette_points']} of them. The "
+        f"pictures are t-SNE embeddings (perplexity {report['tsne']['perplexity']}) of the same "
+        "points.",
         "",
     ]
     if report["side_by_side"]:

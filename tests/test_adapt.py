@@ -137,3 +137,37 @@ def test_supervised_setting_has_no_unlabelled_stream(tiny_bench: Path, warm: Pat
 def test_adapt_user_errors(tiny_bench: Path, warm: Path, tmp_path: Path, changes, message):
     with pytest.raises(UserError, match=message):
         adapt.run(_cfg(tiny_bench, **changes), warm, tmp_path / "x")
+
+
+@pytest.fixture(scope="module")
+def pseudo(tiny_bench: Path, warm: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from stages import pseudolabel
+
+    out = tmp_path_factory.mktemp("pseudo")
+    cfg = pseudolabel.PseudolabelConfig(
+        target=f"cityscapes:{tiny_bench / 'target'}", device="cpu", num_workers=0
+    )
+    pseudolabel.run(cfg, warm, out)
+    return out / "pseudo.h5"
+
+
+def test_adapt_cpsl_runs_all_terms_and_fills_the_bank(
+    tiny_bench: Path, warm: Path, pseudo: Path, tmp_path: Path
+):
+    cfg = _cfg(tiny_bench, method="cpsl", pseudo=str(pseudo))
+    cfg.cpsl.samples_per_image = 16
+    cfg.cpsl.memory_length = 40
+    adapt.run(cfg, warm, tmp_path / "c")
+    log = [json.loads(x) for x in (tmp_path / "c" / "train_log.jsonl").read_text().splitlines()]
+    steps = [e for e in log if "ce_labelled" in e]
+    assert len(steps) == 4 and all(e["sl"] > 0 and e["reg"] >= 0 for e in steps)
+    method = load_checkpoint(tmp_path / "c" / "last.pt")["train_state"]["modules"]["method"]
+    # 4 steps x 2 images x 16 samples = 128 rows pushed into a 40-row bank: full, wrapped
+    assert int(method["bank.size"]) == 40 and int(method["bank.pointer"]) == 128 % 40
+    assert torch.isclose(method["delta_pseudo"].sum(), torch.tensor(1.0), atol=1e-4)
+    assert not torch.equal(method["head.weight"], method["momentum_head.weight"])
+
+
+def test_adapt_cpsl_without_pseudo_file_is_refused(tiny_bench: Path, warm: Path, tmp_path: Path):
+    with pytest.raises(UserError, match="needs --pseudo"):
+        adapt.run(_cfg(tiny_bench, method="cpsl"), warm, tmp_path / "c")

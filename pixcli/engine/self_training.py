@@ -103,7 +103,9 @@ class SelfTrainingStep:
         self.scaler.scale(total).backward()
         self.scaler.step(self.optimizer)
         self.scaler.update()
-        momentum = ema_momentum(step, self.cfg.ema_momentum, self.cfg.ema_ramp)
+        momentum = self.method.teacher_momentum(
+            ema_momentum(step, self.cfg.ema_momentum, self.cfg.ema_ramp)
+        )
         ema_update(self.teacher, unwrap(self.student), momentum)
         self.method.after_step(ctx)
         logs = {k: float(v.detach()) for k, v in losses.items()}
@@ -133,10 +135,11 @@ class SelfTrainingStep:
             image = mix(ctx.mix_mask, ctx.labelled_image[:n], image[:n])
             labels = mix(ctx.mix_mask, ctx.labelled_label[:n], labels[:n])
             weights = mix(ctx.mix_mask, torch.ones_like(weights[:n]), weights[:n])
-        ctx.mixed_image = strong_view(
-            image, self.cfg.strong_jitter, self.cfg.strong_blur_prob, self.generator
-        )
+        if self.method.use_strong_view():
+            image = strong_view(
+                image, self.cfg.strong_jitter, self.cfg.strong_blur_prob, self.generator
+            )
+        ctx.mixed_image = image
         ctx.student_unlabelled = self.student(ctx.mixed_image)
         logits = full_size(ctx.student_unlabelled.logits, ctx.mixed_image)
         return weighted_cross_entropy(logits, labels, weights)
-

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from pixcli.methods.base import Method, MethodSetup, StepContext
+from pixcli.methods.cpsl import CPSL
 
-METHODS: dict[str, type[Method]] = {"none": Method}
+METHODS: dict[str, type[Method]] = {"none": Method, "cpsl": CPSL}
 
 __all__ = ["METHODS", "Method", "MethodSetup", "StepContext"]

@@ -58,7 +58,8 @@ class StepContext:
     mixed_image: Tensor | None = None  # the student's unlabelled input (mixed + strong)
     student_labelled: SegOutput | None = None
     student_unlabelled: SegOutput | None = None
-    extras: dict = field(default_factory=dict)
+    extras: dict = field(default_factory=dict)  # floats to log
+    scratch: dict = field(default_factory=dict)  # a method's tensors between its hooks
 
 
 class Method(nn.Module):
@@ -66,10 +67,19 @@ class Method(nn.Module):
 
     name = "none"
     needs_pseudo_file = False
+    head_lr_mult = 1.0  # lr of the method's own parameters, relative to the backbone lr
 
     def __init__(self, setup: MethodSetup) -> None:
         super().__init__()
         self.setup = setup
+
+    def use_strong_view(self) -> bool:
+        """Whether the student sees the strong (photometric) view of the unlabelled images."""
+        return True
+
+    def teacher_momentum(self, default: float) -> float:
+        """EMA momentum of the teacher at this step (default: the loop's)."""
+        return default
 
     def target_labels(self, ctx: StepContext) -> tuple[Tensor, Tensor]:
         """Labels and per-pixel weights for the unlabelled images (default: unchanged)."""
