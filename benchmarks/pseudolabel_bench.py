@@ -1,6 +1,6 @@
 """pseudo.h5: bytes per image, the share of wall time spent writing, peak memory.
 
-    python benchmarks/pseudolabel_bench.py                  # trains a small model first (~2 min)
+    python benchmarks/pseudolabel_bench.py                  # trains a small model first (minutes)
     python benchmarks/pseudolabel_bench.py --checkpoint runs/demo/warmup/model.pt
     python benchmarks/pseudolabel_bench.py --n 40           # N: val has N, train 4N images
 

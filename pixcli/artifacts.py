@@ -12,6 +12,8 @@ data, loaded with ``weights_only=True`` so that a checkpoint can never run code:
 ``step``             iterations done
 ``train_state``      optional: optimiser states and whatever else resuming needs
 ``meta``             optional plain data: stage, config, dataset fingerprints
+
+The pseudo-label file ``pseudo.h5`` (writer, reader, layout) is :mod:`pixcli.pseudo_labels`.
 """
 
 from __future__ import annotations

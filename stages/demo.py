@@ -1,8 +1,9 @@
 """``pixcli demo``: every stage on the built-in benchmark, one table at the end.
 
-The chain so far: make-benchmark -> warmup (source-only) -> warmup on target labels (the
-oracle) -> eval of each on target val. Each step is an ordinary stage writing into its own
-directory under ``OUT``, so an interrupted demo resumes where it stopped.
+The chain: make-benchmark -> warmup (source-only) -> warmup on target labels (the oracle)
+-> pseudolabel (from the source-only model) -> adapt with each method -> eval of every model
+on target val. Each step is an ordinary stage writing into its own directory under ``OUT``,
+so an interrupted demo resumes where it stopped and a finished one only prints its table.
 """
 
 from __future__ import annotations
@@ -18,21 +19,35 @@ from pixcli.data.transforms import AugmentConfig
 from pixcli.engine.optim import OptimConfig
 from pixcli.engine.progress import console
 from pixcli.engine.trainer import LoopConfig
+from pixcli.errors import UserError
+from pixcli.methods import METHODS
 from pixcli.models import SegmentorConfig
 from pixcli.reporting import comparison_table, print_table
+from stages import adapt, make_benchmark, pseudolabel, warmup
 from stages import eval as eval_stage
-from stages import make_benchmark, warmup
 
 
 def demo_warmup() -> warmup.WarmupConfig:
     """The CPU demo's training recipe (examples/demo.toml holds the same settings)."""
     return warmup.WarmupConfig(
         batch_size=8,
-        num_workers=2,
-        model=SegmentorConfig(backbone="resnet18", head="deeplabv2", output_stride=8),
+        num_workers=1,
+        model=SegmentorConfig(backbone="resnet18", head="deeplabv2", output_stride=16),
         optim=OptimConfig(name="sgd", lr=0.01, head_lr_mult=1.0, weight_decay=1e-4),
-        loop=LoopConfig(iterations=1000, log_every=20, eval_every=0, checkpoint_every=250),
+        loop=LoopConfig(iterations=600, log_every=20, eval_every=0, checkpoint_every=200),
         augment=AugmentConfig(crop_size=(128, 128), scale_range=(0.75, 1.5), flip=True),
+    )
+
+
+def demo_adapt() -> adapt.AdaptConfig:
+    """The CPU demo's adaptation recipe, shared by every method."""
+    base = demo_warmup()
+    return adapt.AdaptConfig(
+        batch_size=4,
+        num_workers=1,
+        optim=dataclasses.replace(base.optim, lr=0.005),
+        loop=LoopConfig(iterations=300, log_every=20, eval_every=0, checkpoint_every=100),
+        augment=base.augment,
     )
 
 
@@ -41,8 +56,10 @@ class DemoConfig:
     seed: int = 0
     device: str = "auto"
     oracle: bool = True  # also train on target labels: the upper bound
+    methods: list[str] = field(default_factory=lambda: ["none", "cpsl"])
     benchmark: BenchmarkConfig = field(default_factory=BenchmarkConfig)
     warmup: warmup.WarmupConfig = field(default_factory=demo_warmup)
+    adapt: adapt.AdaptConfig = field(default_factory=demo_adapt)
 
 
 def _benchmark(out: Path, cfg: BenchmarkConfig) -> None:
@@ -56,21 +73,44 @@ def _benchmark(out: Path, cfg: BenchmarkConfig) -> None:
 
 
 def run(cfg: DemoConfig, out: Path) -> dict:
+    unknown = [m for m in cfg.methods if m not in METHODS]
+    if unknown:
+        raise UserError(f"demo methods: unknown '{unknown[0]}' (known: {', '.join(METHODS)})")
     bench = out / "benchmark"
     _benchmark(bench, dataclasses.replace(cfg.benchmark, seed=cfg.seed))
     source, target = f"gta5:{bench / 'source'}", f"cityscapes:{bench / 'target'}"
     common = {"device": cfg.device, "seed": cfg.seed, "val": target}
-    runs = {"warmup": dataclasses.replace(cfg.warmup, source=source, **common)}
+    models: dict[str, Path] = {}
+
+    def stage(title: str) -> None:
+        console.rule(f"[bold]{title}")
+
+    stage("warmup (source only)")
+    warmup.run(dataclasses.replace(cfg.warmup, source=source, **common), out / "warmup")
+    models["warmup"] = out / "warmup" / "model.pt"
     if cfg.oracle:
-        runs["oracle"] = dataclasses.replace(cfg.warmup, source=target, **common)
+        stage("oracle (target labels)")
+        warmup.run(dataclasses.replace(cfg.warmup, source=target, **common), out / "oracle")
+        models["oracle"] = out / "oracle" / "model.pt"
+    pseudo = out / "pseudo" / "pseudo.h5"
+    if any(METHODS[m].needs_pseudo_file for m in cfg.methods):
+        stage("pseudolabel")
+        pcfg = pseudolabel.PseudolabelConfig(target=target, device=cfg.device, seed=cfg.seed)
+        pseudolabel.run(pcfg, models["warmup"], out / "pseudo")
+    for method in cfg.methods:
+        stage(f"adapt --method {method}")
+        acfg = dataclasses.replace(
+            cfg.adapt, method=method, source=source, target=target,
+            pseudo=str(pseudo) if METHODS[method].needs_pseudo_file else None, **common,
+        )  # fmt: skip
+        adapt.run(acfg, models["warmup"], out / f"adapt-{method}")
+        models[method] = out / f"adapt-{method}" / "model.pt"
     rows = []
-    for name, wcfg in runs.items():
-        console.rule(f"[bold]{name}")
-        warmup.run(wcfg, out / name)
+    for name, path in models.items():
         ecfg = eval_stage.EvalConfig(data=target, device=cfg.device, seed=cfg.seed)
-        rows.append((name, eval_stage.run(ecfg, out / name / "model.pt", out / f"eval-{name}")))
-    classes = rows[0][1]["per_class"].keys()
-    print_table(comparison_table(rows, list(classes), "demo: target-val IoU per model"))
+        rows.append((name, eval_stage.run(ecfg, path, out / f"eval-{name}")))
+    classes = list(rows[0][1]["per_class"].keys())
+    print_table(comparison_table(rows, classes, "demo: target-val IoU per model"))
     summary = {
         "config": to_dict(cfg),
         "mIoU": {name: m["mIoU"] for name, m in rows},

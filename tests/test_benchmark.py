@@ -87,7 +87,9 @@ def test_images_are_rgb_and_labels_are_valid_labelids(tmp_path: Path):
         label = Image.open(path)
         assert label.mode == "L" and label.size == (TINY.width, TINY.height)
         assert set(np.unique(np.asarray(label)).tolist()) <= valid, path
-    for path in sorted(tmp_path.rglob("images/*.png")) + sorted(tmp_path.rglob("*_leftImg8bit.png")):
+    for path in sorted(tmp_path.rglob("images/*.png")) + sorted(
+        tmp_path.rglob("*_leftImg8bit.png")
+    ):
         image = Image.open(path)
         assert image.mode == "RGB" and image.size == (TINY.width, TINY.height)
 

@@ -73,3 +73,30 @@ def test_examples_demo_toml_matches_the_demo_defaults():
 
     example = Path(__file__).parent.parent / "examples" / "demo.toml"
     assert to_dict(load_config(WarmupConfig, example)) == to_dict(demo_warmup())
+
+
+@pytest.mark.parametrize(
+    ("name", "stage"),
+    [
+        ("gta5_to_cityscapes_deeplabv2.toml", "warmup.WarmupConfig"),
+        ("cityscapes_eval.toml", "eval.EvalConfig"),
+        ("cpsl_gta5_to_cityscapes.toml", "adapt.AdaptConfig"),
+        ("cpsl_synthia_to_cityscapes.toml", "adapt.AdaptConfig"),
+    ],
+)
+def test_every_example_loads_into_its_stage_config(name: str, stage: str):
+    import importlib
+
+    module, cls = stage.split(".")
+    config_cls = getattr(importlib.import_module(f"stages.{module}"), cls)
+    cfg = load_config(config_cls, Path(__file__).parent.parent / "examples" / name)
+    assert to_dict(cfg) != to_dict(config_cls())  # the file changed something
+
+
+def test_every_example_file_is_covered_by_a_test():
+    examples = Path(__file__).parent.parent / "examples"
+    covered = {
+        "demo.toml", "gta5_to_cityscapes_deeplabv2.toml", "cityscapes_eval.toml",
+        "cpsl_gta5_to_cityscapes.toml", "cpsl_synthia_to_cityscapes.toml",
+    }  # fmt: skip
+    assert {p.name for p in examples.glob("*.toml")} <= covered

@@ -1,0 +1,33 @@
+"""`pixcli demo` end to end with tiny settings: every stage joins the chain."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+from tiny import TINY_BENCHMARK, tiny_warmup
+
+from pixcli.artifacts import read_json
+from stages import demo
+
+
+def test_tiny_demo_chains_every_stage_and_resumes(tmp_path: Path):
+    warm = tiny_warmup(tmp_path, val=None)
+    warm.loop.iterations = 2
+    adapt_cfg = dataclasses.replace(
+        demo.demo_adapt(), device="cpu", batch_size=2, num_workers=0, optim=warm.optim,
+        loop=dataclasses.replace(warm.loop, iterations=2), augment=warm.augment,
+    )  # fmt: skip
+    adapt_cfg.cpsl.samples_per_image = 4
+    cfg = demo.DemoConfig(
+        device="cpu", benchmark=TINY_BENCHMARK, warmup=warm, adapt=adapt_cfg,
+        methods=["none", "cpsl"],
+    )  # fmt: skip
+    summary = demo.run(cfg, tmp_path / "demo")
+    assert set(summary["mIoU"]) == {"warmup", "oracle", "none", "cpsl"}
+    assert (tmp_path / "demo" / "pseudo" / "pseudo.h5").is_file()
+    assert read_json(tmp_path / "demo" / "summary.json")["mIoU"] == summary["mIoU"]
+    mtime = (tmp_path / "demo" / "adapt-cpsl" / "model.pt").stat().st_mtime_ns
+    again = demo.run(cfg, tmp_path / "demo")  # finished stages are skipped
+    assert again["mIoU"] == summary["mIoU"]
+    assert (tmp_path / "demo" / "adapt-cpsl" / "model.pt").stat().st_mtime_ns == mtime
