@@ -39,6 +39,14 @@ SetOpt = Annotated[
     typer.Option("--set", help="Any setting as KEY=VALUE, e.g. --set optim.lr=0.01 (repeatable)."),
 ]
 OutOpt = Annotated[Path, typer.Option("--out", help="Output directory.")]
+IterationsOpt = Annotated[int | None, typer.Option(help="Training iterations.")]
+LrOpt = Annotated[float | None, typer.Option(help="Backbone learning rate.")]
+ValOpt = Annotated[str | None, typer.Option(help="Labelled validation data, KIND:PATH.")]
+WindowOpt = Annotated[
+    str | None, typer.Option(help="Sliding window HxW, e.g. 512x1024 (default: whole image).")
+]
+StrideOpt = Annotated[str | None, typer.Option(help="Window stride HxW.")]
+FlipOpt = Annotated[bool | None, typer.Option("--flip", help="Average with flipped input.")]
 
 
 def user_errors(fn: F) -> F:
@@ -88,7 +96,7 @@ def make_benchmark(
 def warmup(
     source: Annotated[str | None, typer.Option(help="Labelled data, KIND:PATH.")] = None,
     out: OutOpt = Path("runs/warmup"),
-    val: Annotated[str | None, typer.Option(help="Labelled validation data, KIND:PATH.")] = None,
+    val: ValOpt = None,
     target: Annotated[
         str | None, typer.Option(help="Unlabelled target data for --adversarial, KIND:PATH.")
     ] = None,
@@ -96,9 +104,9 @@ def warmup(
         bool | None,
         typer.Option("--adversarial", help="Output-space adversarial warm-up (AdaptSegNet)."),
     ] = None,
-    iterations: Annotated[int | None, typer.Option(help="Training iterations.")] = None,
+    iterations: IterationsOpt = None,
     batch_size: Annotated[int | None, typer.Option(help="Images per batch.")] = None,
-    lr: Annotated[float | None, typer.Option(help="Backbone learning rate.")] = None,
+    lr: LrOpt = None,
     backbone: Annotated[str | None, typer.Option(help="Any timm model name.")] = None,
     head: Annotated[
         str | None, typer.Option(help="Decode head: deeplabv2, deeplabv3plus or daformer.")
@@ -142,7 +150,7 @@ def adapt(
     source: Annotated[str | None, typer.Option(help="Labelled source data, KIND:PATH.")] = None,
     target: Annotated[str | None, typer.Option(help="Target data, KIND:PATH.")] = None,
     pseudo: Annotated[Path | None, typer.Option(help="pseudo.h5 from pixcli pseudolabel.")] = None,
-    val: Annotated[str | None, typer.Option(help="Labelled validation data, KIND:PATH.")] = None,
+    val: ValOpt = None,
     setting: Annotated[str | None, typer.Option(help="uda, semi or supervised.")] = None,
     labeled_fraction: Annotated[
         float | None, typer.Option(help="semi: labelled share of the target (seeded split).")
@@ -151,9 +159,9 @@ def adapt(
         Path | None, typer.Option(help="semi: file of labelled image names.")
     ] = None,
     out: OutOpt = Path("runs/adapt"),
-    iterations: Annotated[int | None, typer.Option(help="Training iterations.")] = None,
+    iterations: IterationsOpt = None,
     batch_size: Annotated[int | None, typer.Option(help="Images per batch and stream.")] = None,
-    lr: Annotated[float | None, typer.Option(help="Backbone learning rate.")] = None,
+    lr: LrOpt = None,
     config: ConfigOpt = None,
     device: DeviceOpt = "auto",
     seed: SeedOpt = None,
@@ -186,11 +194,9 @@ def eval_(
     data: Annotated[str, typer.Option(help="Labelled data, KIND:PATH.")],
     out: OutOpt = Path("runs/eval"),
     split: Annotated[str | None, typer.Option(help="Split to evaluate.")] = None,
-    window: Annotated[
-        str | None, typer.Option(help="Sliding window HxW, e.g. 512x1024 (default: whole image).")
-    ] = None,
-    stride: Annotated[str | None, typer.Option(help="Window stride HxW.")] = None,
-    flip: Annotated[bool | None, typer.Option("--flip", help="Average with flipped input.")] = None,
+    window: WindowOpt = None,
+    stride: StrideOpt = None,
+    flip: FlipOpt = None,
     save_predictions: Annotated[
         bool | None, typer.Option("--save-predictions", help="Write palette PNGs.")
     ] = None,
@@ -254,11 +260,9 @@ def pseudolabel(
     output_stride: Annotated[
         int | None, typer.Option(help="Stride of the stored label grid (default: the model's).")
     ] = None,
-    window: Annotated[
-        str | None, typer.Option(help="Sliding window HxW, e.g. 512x1024 (default: whole image).")
-    ] = None,
-    stride: Annotated[str | None, typer.Option(help="Window stride HxW.")] = None,
-    flip: Annotated[bool | None, typer.Option("--flip", help="Average with flipped input.")] = None,
+    window: WindowOpt = None,
+    stride: StrideOpt = None,
+    flip: FlipOpt = None,
     batch_size: Annotated[int | None, typer.Option(help="Images per forward pass.")] = None,
     config: ConfigOpt = None,
     device: DeviceOpt = "auto",

@@ -36,6 +36,14 @@ TARGET_CITIES = {"train": ("aachen", "bremen"), "val": ("frankfurt", "munster")}
 
 RGB = tuple[int, int, int]
 Range = tuple[float, float]
+Points = list[tuple[float, float]]
+
+# Colours that are the same in both domains (lit lamps, skin, tyres, lane paint).
+LAMPS: tuple[RGB, ...] = ((230, 40, 30), (240, 180, 30), (40, 220, 90))
+SKIN, TYRE, LANE_PAINT = (200, 160, 130), (25, 25, 25), (225, 225, 215)
+# Car outlines relative to (bottom centre, width, height): the cabin and its window.
+CABIN = ((-0.42, 0.58), (-0.3, 1.0), (0.3, 1.0), (0.42, 0.58))
+WINDOW = ((-0.36, 0.62), (-0.27, 0.93), (0.27, 0.93), (0.36, 0.62))
 
 
 @dataclass
@@ -174,7 +182,7 @@ class _Scene:
 
     def paint(self, kind: str, xy: list, cls: int, inst: int) -> None:
         """Draw a ``polygon``, ``ellipse`` or ``rectangle`` of class ``cls``."""
-        for draw, value in zip(self._draw, (cls, inst)):
+        for draw, value in zip(self._draw, (cls, inst), strict=True):
             getattr(draw, kind)(xy, fill=value)
 
 
@@ -225,23 +233,22 @@ def _draw_ground(s: _Scene, g: _Ground, geo: Geometry) -> tuple[float, float]:
     centre = s.rng.uniform(-0.08, 0.08)
     half = _uniform(s.rng, geo.road)
     kerbs = (centre - half, centre + half)
-    for side, kerb in zip((-1, 1), kerbs):
+    for side, kerb in zip((-1, 1), kerbs, strict=True):
         outer = kerb + side * _uniform(s.rng, geo.sidewalk)
         s.paint("polygon", g.strip(kerb, outer), SIDEWALK, s.instance(SIDEWALK))
         if s.rng.random() < geo.terrain:
             verge = outer - side * s.rng.uniform(0.3, 0.7) * abs(outer - kerb)
             s.paint("polygon", g.strip(verge, outer), TERRAIN, s.instance(TERRAIN))
     s.paint("polygon", g.strip(*kerbs), ROAD, s.instance(ROAD))
-    paint = s.instance(ROAD, (225, 225, 215))
+    paint = s.instance(ROAD, LANE_PAINT)
     rows = np.linspace(g.yh + 2, s.h, 7)
-    for y0, y1 in zip(rows[0::2], rows[1::2]):
-        du = 0.012 * g.depth(y1) * s.w
-        s.paint("polygon", [(g.x(centre, y0), y0), (g.x(centre, y1) - du, y1),
-                            (g.x(centre, y1) + du, y1)], ROAD, paint)  # fmt: skip
+    for y0, y1 in zip(rows[0::2], rows[1::2], strict=True):
+        x1, du = g.x(centre, y1), 0.012 * g.depth(y1) * s.w
+        s.paint("polygon", [(g.x(centre, y0), y0), (x1 - du, y1), (x1 + du, y1)], ROAD, paint)
     return kerbs
 
 
-def _draw_tree(s: _Scene, g: _Ground, x: float, y: float) -> None:
+def _draw_tree(s: _Scene, g: _Ground, x: float, y: float, geo: Geometry) -> None:
     """A trunk and an elliptic crown (both vegetation) standing at (x, y)."""
     d = g.depth(y)
     r = s.rng.uniform(0.2, 0.35) * s.h * d + 1
@@ -253,12 +260,11 @@ def _draw_tree(s: _Scene, g: _Ground, x: float, y: float) -> None:
     s.paint("ellipse", [x - r, cy - 1.2 * r, x + r, cy + 0.8 * r], VEGETATION, inst)
 
 
-def _draw_pole(s: _Scene, g: _Ground, x: float, y: float) -> None:
-    """A thin pole carrying a traffic sign or a traffic light (or nothing)."""
+def _draw_pole(s: _Scene, g: _Ground, x: float, y: float, geo: Geometry) -> None:
+    """A pole carrying a traffic sign, a traffic light (with a lit lamp) or nothing."""
     d = g.depth(y)
-    height = s.rng.uniform(0.45, 0.7) * s.h * d
+    top = y - s.rng.uniform(0.45, 0.7) * s.h * d
     pw = max(2.0, 0.016 * s.w * d)
-    top = y - height
     s.paint("rectangle", [x - pw / 2, top, x + pw / 2, y], POLE, s.instance(POLE))
     kind = s.rng.random()
     if kind < 0.45:
@@ -268,65 +274,69 @@ def _draw_pole(s: _Scene, g: _Ground, x: float, y: float) -> None:
     elif kind < 0.85:
         lw, lh = max(2.0, 0.035 * s.h * d), max(5.0, 0.12 * s.h * d)
         s.paint("rectangle", [x - lw, top, x + lw, top + lh], LIGHT, s.instance(LIGHT))
-        lamp = s.instance(LIGHT, ((230, 40, 30), (240, 180, 30), (40, 220, 90))[int(kind * 9) % 3])
-        s.paint("ellipse", [x - lw * 0.6, top + lh * 0.1, x + lw * 0.6, top + lh * 0.35], LIGHT,
-                lamp)  # fmt: skip
+        lamp = s.instance(LIGHT, LAMPS[int(s.rng.integers(len(LAMPS)))])
+        xy = [x - 0.6 * lw, top + 0.1 * lh, x + 0.6 * lw, top + 0.35 * lh]
+        s.paint("ellipse", xy, LIGHT, lamp)
 
 
-def _draw_person(s: _Scene, g: _Ground, x: float, y: float, size: float) -> None:
-    """Head, torso and legs; height proportional to the perspective depth."""
-    hgt = size * s.h * g.depth(y) * s.rng.uniform(0.8, 1.1)
+def _draw_person(s: _Scene, g: _Ground, x: float, y: float, geo: Geometry) -> None:
+    """Legs, torso and head; height proportional to the perspective depth."""
+    hgt = geo.person_size * s.h * g.depth(y) * s.rng.uniform(0.8, 1.1)
     if hgt < 6:
         return
     w = 0.28 * hgt
     legs, body = s.instance(PERSON), s.instance(PERSON)
     s.paint("rectangle", [x - w / 2, y - 0.5 * hgt, x + w / 2, y], PERSON, legs)
     s.paint("rectangle", [x - w / 2, y - 0.85 * hgt, x + w / 2, y - 0.45 * hgt], PERSON, body)
-    head = s.instance(PERSON, (200, 160, 130))
+    head = s.instance(PERSON, SKIN)
     s.paint("ellipse", [x - w / 3, y - hgt, x + w / 3, y - 0.82 * hgt], PERSON, head)
 
 
-def _draw_car(s: _Scene, g: _Ground, x: float, y: float, size: float) -> None:
-    """Body, cabin with dark windows and wheels, seen from behind; centred at column x."""
-    hgt = size * s.h * g.depth(y) * s.rng.uniform(0.85, 1.15)
+def _outline(x: float, y: float, w: float, h: float, points: Points) -> Points:
+    """Points given relative to an object's bottom centre (x, y) and its size (w, h)."""
+    return [(x + a * w, y - b * h) for a, b in points]
+
+
+def _draw_car(s: _Scene, g: _Ground, x: float, y: float, geo: Geometry) -> None:
+    """Body, cabin with dark windows and two wheels, seen from behind."""
+    hgt = geo.car_size * s.h * g.depth(y) * s.rng.uniform(0.85, 1.15)
     if hgt < 3:
         return
     w = hgt * s.rng.uniform(1.5, 1.9)
     body = s.instance(CAR)
     s.paint("rectangle", [x - w / 2, y - 0.6 * hgt, x + w / 2, y - 0.12 * hgt], CAR, body)
-    s.paint("polygon", [(x - 0.42 * w, y - 0.58 * hgt), (x - 0.3 * w, y - hgt),
-                        (x + 0.3 * w, y - hgt), (x + 0.42 * w, y - 0.58 * hgt)], CAR, body)  # fmt: skip
+    s.paint("polygon", _outline(x, y, w, hgt, CABIN), CAR, body)
     glass = s.instance(CAR, s.colours[body] * 0.35 + 20)
-    s.paint("polygon", [(x - 0.36 * w, y - 0.62 * hgt), (x - 0.27 * w, y - 0.93 * hgt),
-                        (x + 0.27 * w, y - 0.93 * hgt), (x + 0.36 * w, y - 0.62 * hgt)], CAR,
-            glass)  # fmt: skip
-    tyre = s.instance(CAR, (25, 25, 25))
+    s.paint("polygon", _outline(x, y, w, hgt, WINDOW), CAR, glass)
+    tyre = s.instance(CAR, TYRE)
     for cx in (x - 0.35 * w, x + 0.35 * w):
         s.paint("rectangle", [cx - 0.1 * w, y - 0.2 * hgt, cx + 0.1 * w, y], CAR, tyre)
 
 
+_DRAW = {"tree": _draw_tree, "pole": _draw_pole, "person": _draw_person, "car": _draw_car}
+# Where things stand on the sidewalk, as a range of multiples of a kerb line.
+_SPOTS = {"tree": (1.5, 1.9), "pole": (1.05, 1.3), "person": (1.1, 1.6)}
+
+
+def _spot(s: _Scene, kind: str, geo: Geometry, kerbs: tuple[float, float]) -> float:
+    """The ground line an object of ``kind`` stands on; cars drive or park at the kerb."""
+    kerb = kerbs[int(s.rng.integers(2))]
+    if kind != "car":
+        return kerb * s.rng.uniform(*_SPOTS[kind])
+    if s.rng.random() < geo.parked:
+        return kerb * 0.82
+    return s.rng.uniform(0.6 * kerbs[0], 0.6 * kerbs[1])
+
+
 def _draw_objects(s: _Scene, g: _Ground, geo: Geometry, kerbs: tuple[float, float]) -> None:
-    """Trees, poles, persons and cars, drawn from far to near."""
-    rows = lambda n: g.yh + (s.h - g.yh) * s.rng.uniform(0.08, 1.0, n)  # noqa: E731
-    side_u = lambda: kerbs[int(s.rng.integers(2))]  # noqa: E731
-    todo: list[tuple[float, Callable[[], None]]] = []
-    for y in rows(_count(s.rng, geo.n_trees)):
-        u = side_u() * s.rng.uniform(1.5, 1.9)
-        todo.append((y, lambda x=g.x(u, y), y=y: _draw_tree(s, g, x, y)))
-    for y in rows(_count(s.rng, geo.n_poles)):
-        u = side_u() * s.rng.uniform(1.05, 1.3)
-        todo.append((y, lambda x=g.x(u, y), y=y: _draw_pole(s, g, x, y)))
-    for y in rows(_count(s.rng, geo.n_persons)):
-        u = side_u() * s.rng.uniform(1.1, 1.6)
-        todo.append((y, lambda x=g.x(u, y), y=y: _draw_person(s, g, x, y, geo.person_size)))
-    for y in rows(_count(s.rng, geo.n_cars)):
-        if s.rng.random() < geo.parked:
-            u = side_u() * 0.82
-        else:
-            u = s.rng.uniform(kerbs[0] * 0.6, kerbs[1] * 0.6)
-        todo.append((y, lambda x=g.x(u, y), y=y: _draw_car(s, g, x, y, geo.car_size)))
-    for _, draw in sorted(todo, key=lambda item: item[0]):
-        draw()
+    """Trees, poles, persons and cars at random depths, drawn from far to near."""
+    counts = {"tree": geo.n_trees, "pole": geo.n_poles, "person": geo.n_persons}
+    todo = []
+    for kind, count in {**counts, "car": geo.n_cars}.items():
+        for depth in s.rng.uniform(0.08, 1.0, _count(s.rng, count)):
+            todo.append((g.yh + (s.h - g.yh) * depth, kind, _spot(s, kind, geo, kerbs)))
+    for y, kind, u in sorted(todo):
+        _DRAW[kind](s, g, g.x(u, y), y, geo)
 
 
 def _draw_hood(s: _Scene, hood: float) -> None:
