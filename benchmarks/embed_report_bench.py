@@ -2,6 +2,11 @@
 
     python benchmarks/embed_report_bench.py                 # OpenMP threads as the machine has
     python benchmarks/embed_report_bench.py --threads 1     # one thread (a shared machine)
+    OMP_WAIT_POLICY=passive python benchmarks/embed_report_bench.py
+
+On a CPU that other processes also use, OpenMP threads that spin while they wait (libgomp's
+default) make scikit-learn's Barnes-Hut t-SNE two to three times slower than one thread;
+``OMP_WAIT_POLICY=passive`` or ``--threads 1`` avoid that.
 
 Synthetic features stand in for a model's (19 classes, 256 dimensions as DeepLabV2's
 decoder features, well-separated class clusters with noise): the analysis costs the same
@@ -77,6 +82,7 @@ def main() -> None:
     if args.threads:
         env["OMP_NUM_THREADS"] = str(args.threads)
     threads = env.get("OMP_NUM_THREADS", f"all {os.cpu_count()} cores")
+    threads += f", wait policy {env.get('OMP_WAIT_POLICY', 'default')}"
     rows = []
     for points in SIZES:
         cmd = [sys.executable, __file__, "--one", str(points)]

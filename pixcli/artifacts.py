@@ -67,7 +67,9 @@ def read_json(path: Path) -> Any:
 
 
 def file_fingerprint(path: Path) -> str:
-    """Short sha256 of a file's content."""
+    """Short sha256 of a file's content; a missing file is a user error naming it."""
+    if not Path(path).is_file():
+        raise UserError(f"{path}: file not found")
     digest = hashlib.sha256()
     with open(path, "rb") as fh:
         for block in iter(lambda: fh.read(1 << 20), b""):

@@ -131,7 +131,7 @@ def run(cfg: AdaptConfig, checkpoint: Path, out: Path) -> dict:
         inputs["unlabelled"] = unlabelled.fingerprint()
     if cfg.pseudo:
         inputs["pseudo"] = file_fingerprint(Path(cfg.pseudo))
-    done = prepare_out_dir(out, "adapt", inputs)
+    done = prepare_out_dir(out, "adapt", inputs, to_dict(cfg))
     if done is not None:
         return done
 

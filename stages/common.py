@@ -14,19 +14,23 @@ from pixcli.errors import UserError
 from pixcli.models import Segmentor, SegmentorConfig, build_segmentor
 
 
-def prepare_out_dir(out: Path, stage: str, inputs: dict[str, str]) -> dict | None:
+def prepare_out_dir(
+    out: Path, stage: str, inputs: dict[str, str], config: dict | None = None
+) -> dict | None:
     """Create ``out``; return its manifest when ``stage`` already finished there.
 
-    A finished run made from other inputs is refused rather than silently kept.
+    A finished run made from other inputs (or, when given, another configuration) is
+    refused rather than silently kept.
     """
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out}: exists and is not a directory")
     out.mkdir(parents=True, exist_ok=True)
     done = finished_manifest(out, stage)
     if done is not None:
-        if done.get("inputs") != inputs:
+        if done.get("inputs") != inputs or (config is not None and done.get("config") != config):
+            what = "inputs" if done.get("inputs") != inputs else "settings"
             raise UserError(
-                f"--out {out}: holds a finished {stage} run made from other inputs; "
+                f"--out {out}: holds a finished {stage} run made with other {what}; "
                 "choose another --out or delete it"
             )
         console.print(f"{out}: {stage} already finished (manifest.json); nothing to do")

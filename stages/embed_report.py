@@ -83,7 +83,7 @@ def run(cfg: EmbedReportConfig, checkpoints: list[Path], out: Path) -> dict:
     inputs |= {
         f"checkpoint {n}": file_fingerprint(p) for n, p in zip(names, checkpoints, strict=True)
     }
-    if prepare_out_dir(out, "embed-report", inputs) is not None:
+    if prepare_out_dir(out, "embed-report", inputs, to_dict(cfg)) is not None:
         return read_json(out / "report.json")
     runtime = setup_runtime(cfg.device, cfg.amp, cfg.seed)
     results = [

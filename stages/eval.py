@@ -41,7 +41,7 @@ def run(cfg: EvalConfig, checkpoint: Path, out: Path) -> dict:
     timer = Timer()
     dataset = open_labelled(cfg.data, cfg.split, "--data")
     inputs = {"checkpoint": file_fingerprint(checkpoint), "data": dataset.fingerprint()}
-    done = prepare_out_dir(out, "eval", inputs)
+    done = prepare_out_dir(out, "eval", inputs, to_dict(cfg))
     if done is not None:
         return read_json(out / "metrics.json")
     runtime = setup_runtime(cfg.device, cfg.amp, cfg.seed)

@@ -79,7 +79,7 @@ def run(cfg: PseudolabelConfig, checkpoint: Path, out: Path) -> dict:
         problem = header.mismatch(PseudoLabelFile(final).header)
         if problem:
             raise UserError(f"{final}: was {problem}; use another --out or delete it")
-    finished = prepare_out_dir(out, "pseudolabel", inputs)
+    finished = prepare_out_dir(out, "pseudolabel", inputs, to_dict(cfg))
     if finished is not None:
         shutdown(runtime)
         return finished

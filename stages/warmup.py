@@ -78,15 +78,14 @@ def run(cfg: WarmupConfig, out: Path) -> dict:
         inputs["val"] = val.fingerprint()
     if target is not None:
         inputs["target"] = target.fingerprint()
-    done = prepare_out_dir(out, "warmup", inputs)
+    cfg.model.num_classes = taxonomy.num_classes
+    done = prepare_out_dir(out, "warmup", inputs, to_dict(cfg))
     if done is not None:
         return done
     if val is not None and val.taxonomy.classes != taxonomy.classes:
         raise UserError(f"--val {cfg.val}: its classes differ from the source's")
 
-    model_cfg = cfg.model
-    model_cfg.num_classes = taxonomy.num_classes
-    model = build_segmentor(model_cfg).to(runtime.device).train()
+    model = build_segmentor(cfg.model).to(runtime.device).train()
     ddp_model = wrap_ddp(model, runtime)
     optimizer = build_optimizer(model.param_groups(cfg.optim.lr, cfg.optim.head_lr_mult), cfg.optim)
     modules: dict[str, torch.nn.Module] = {"model": model}

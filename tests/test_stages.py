@@ -122,3 +122,19 @@ def test_eval_refuses_a_checkpoint_for_other_classes(tiny_bench: Path, tmp_path:
     ecfg = eval_stage.EvalConfig(data=f"cityscapes:{tiny_bench / 'target'}", device="cpu")
     with pytest.raises(UserError, match="checkpoint predicts 19 classes"):
         eval_stage.run(ecfg, tmp_path / "other.pt", tmp_path / "e")
+
+
+def test_eval_rerun_with_other_settings_is_refused(tiny_bench: Path, tmp_path: Path):
+    cfg = tiny_warmup(tiny_bench)
+    cfg.loop.iterations = 1
+    warmup.run(cfg, tmp_path / "w")
+    data = f"cityscapes:{tiny_bench / 'target'}"
+    eval_stage.run(
+        eval_stage.EvalConfig(data=data, device="cpu"), tmp_path / "w" / "model.pt", tmp_path / "e"
+    )
+    flipped = eval_stage.EvalConfig(data=data, device="cpu")
+    flipped.eval.flip = True
+    with pytest.raises(UserError, match="other settings"):
+        eval_stage.run(flipped, tmp_path / "w" / "model.pt", tmp_path / "e")
+    with pytest.raises(UserError, match="missing.pt: file not found"):
+        eval_stage.run(flipped, tmp_path / "missing.pt", tmp_path / "e2")

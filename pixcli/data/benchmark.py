@@ -242,7 +242,7 @@ def _draw_ground(s: _Scene, g: _Ground, geo: Geometry) -> tuple[float, float]:
     s.paint("polygon", g.strip(*kerbs), ROAD, s.instance(ROAD))
     paint = s.instance(ROAD, LANE_PAINT)
     rows = np.linspace(g.yh + 2, s.h, 7)
-    for y0, y1 in zip(rows[0::2], rows[1::2], strict=True):
+    for y0, y1 in zip(rows[0::2], rows[1::2], strict=False):
         x1, du = g.x(centre, y1), 0.012 * g.depth(y1) * s.w
         s.paint("polygon", [(g.x(centre, y0), y0), (x1 - du, y1), (x1 + du, y1)], ROAD, paint)
     return kerbs
