@@ -158,7 +158,8 @@ def test_domains_differ_in_colour_texture_and_layout(small: tuple[Path, dict]):
         }
     src, tgt = stats["source"], stats["target"]
     colour_shift = np.linalg.norm(src["colour"] - tgt["colour"], axis=1)
-    assert (colour_shift > 20).all(), colour_shift  # road, building, vegetation, sky, car
+    # road, building, vegetation, sky, car: every class shifts, most of them a lot
+    assert (colour_shift > 15).all() and colour_shift.mean() > 30, colour_shift
     assert tgt["grad"] > 2 * src["grad"]
     assert abs(src["sky_rows"] - tgt["sky_rows"]) > 0.02  # another horizon height
     fractions = meta["pixel_fractions"]

@@ -25,7 +25,13 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
-from pixcli.data.taxonomy import CITYSCAPES_CLASSES, IGNORE_INDEX, TRAINID_TO_LABELID
+from pixcli.data.taxonomy import (
+    CITYSCAPES_CLASSES,
+    CITYSCAPES_LABELID_TO_TRAINID,
+    IGNORE_INDEX,
+    TRAINID_TO_LABELID,
+    lookup_table,
+)
 from pixcli.errors import UserError
 
 ROAD, SIDEWALK, BUILDING, POLE, LIGHT, SIGN = 0, 1, 2, 5, 6, 7
@@ -106,17 +112,19 @@ SYNTHETIC = Domain(
     "synthetic",
     Geometry(
         horizon=(0.38, 0.50), road=(0.45, 0.65), sidewalk=(0.22, 0.34), facade=(0.25, 0.6),
-        n_cars=(1, 4), parked=0.2, car_size=0.32, n_persons=(0, 4), person_size=0.45,
-        n_poles=(1, 3), n_trees=(1, 4), terrain=0.5, hood=0.0,
+        n_cars=(1, 4), parked=0.2, car_size=0.32, n_persons=(1, 5), person_size=0.5,
+        n_poles=(2, 5), n_trees=(1, 4), terrain=0.5, hood=0.0,
     ),
     Appearance(
         colours={
             ROAD: ((85, 80, 95),), SIDEWALK: ((175, 160, 150),),
             BUILDING: ((185, 120, 85), (205, 185, 140), (150, 150, 170), (130, 95, 75)),
-            POLE: ((170, 170, 175),), LIGHT: ((40, 40, 35),), SIGN: ((235, 225, 40), (40, 90, 220)),
+            POLE: ((170, 170, 175), (110, 115, 120)), LIGHT: ((40, 40, 35),),
+            SIGN: ((235, 225, 40), (40, 90, 220)),
             VEGETATION: ((45, 165, 45), (70, 185, 40)), TERRAIN: ((150, 205, 80),),
-            SKY: ((90, 170, 250),),
-            PERSON: ((220, 40, 40), (40, 60, 220), (240, 200, 40), (40, 180, 90), (50, 50, 50)),
+            SKY: ((90, 170, 250), (135, 190, 240)),
+            PERSON: ((220, 40, 40), (40, 60, 220), (240, 200, 40), (40, 180, 90), (50, 50, 50),
+                     (110, 110, 120), (70, 60, 50)),
             CAR: ((210, 30, 30), (30, 80, 210), (240, 210, 30), (235, 235, 235), (30, 160, 60),
                   (40, 40, 45), (150, 150, 150)),
         },
@@ -129,8 +137,8 @@ REAL = Domain(
     "real",
     Geometry(
         horizon=(0.30, 0.42), road=(0.35, 0.5), sidewalk=(0.16, 0.28), facade=(0.35, 0.8),
-        n_cars=(2, 6), parked=0.6, car_size=0.26, n_persons=(1, 5), person_size=0.4,
-        n_poles=(2, 5), n_trees=(2, 6), terrain=0.35, hood=0.08,
+        n_cars=(2, 6), parked=0.6, car_size=0.26, n_persons=(2, 6), person_size=0.45,
+        n_poles=(3, 6), n_trees=(2, 6), terrain=0.35, hood=0.08,
     ),
     Appearance(
         colours={
@@ -264,15 +272,15 @@ def _draw_pole(s: _Scene, g: _Ground, x: float, y: float, geo: Geometry) -> None
     """A pole carrying a traffic sign, a traffic light (with a lit lamp) or nothing."""
     d = g.depth(y)
     top = y - s.rng.uniform(0.45, 0.7) * s.h * d
-    pw = max(2.0, 0.016 * s.w * d)
+    pw = max(2.0, 0.02 * s.w * d)
     s.paint("rectangle", [x - pw / 2, top, x + pw / 2, y], POLE, s.instance(POLE))
     kind = s.rng.random()
     if kind < 0.45:
-        r = max(2.5, 0.07 * s.h * d)
+        r = max(3.0, 0.08 * s.h * d)
         shape = "ellipse" if s.rng.random() < 0.5 else "rectangle"
         s.paint(shape, [x - r, top, x + r, top + 2 * r], SIGN, s.instance(SIGN))
     elif kind < 0.85:
-        lw, lh = max(2.0, 0.035 * s.h * d), max(5.0, 0.12 * s.h * d)
+        lw, lh = max(2.5, 0.04 * s.h * d), max(6.0, 0.14 * s.h * d)
         s.paint("rectangle", [x - lw, top, x + lw, top + lh], LIGHT, s.instance(LIGHT))
         lamp = s.instance(LIGHT, LAMPS[int(s.rng.integers(len(LAMPS)))])
         xy = [x - 0.6 * lw, top + 0.1 * lh, x + 0.6 * lw, top + 0.35 * lh]
@@ -424,20 +432,12 @@ def make_sample(
     rng = _rng_for(cfg.seed, domain_index, index)
     scene = draw_scene(cfg.width, cfg.height, domain, rng)
     image = render(scene, domain.appearance, rng)
-    return image, _LABELIDS[np.asarray(scene.label)]
+    return image, _TO_LABELID[np.asarray(scene.label)]
 
 
-def _labelid_table() -> np.ndarray:
-    table = np.zeros(256, dtype=np.uint8)
-    for train_id, label_id in TRAINID_TO_LABELID.items():
-        table[train_id] = label_id
-    table[IGNORE_INDEX] = EGO_VEHICLE_LABELID
-    return table
-
-
-_LABELIDS = _labelid_table()
-_LABELID_TO_TRAINID = np.full(256, IGNORE_INDEX, dtype=np.uint8)
-_LABELID_TO_TRAINID[list(TRAINID_TO_LABELID.values())] = list(TRAINID_TO_LABELID)
+# Train id -> labelId for writing (the ego-vehicle hood is drawn as IGNORE_INDEX), and back.
+_TO_LABELID = lookup_table({**TRAINID_TO_LABELID, IGNORE_INDEX: EGO_VEHICLE_LABELID}, 256)
+_TO_TRAINID = lookup_table(CITYSCAPES_LABELID_TO_TRAINID, 256)
 
 
 def _jobs(out: Path, cfg: BenchmarkConfig) -> list[tuple[str, int, Path, Path]]:
@@ -499,7 +499,7 @@ def make_benchmark(
     for done, (split, index, image_path, label_path) in enumerate(jobs, 1):
         domain = SYNTHETIC if split == "source" else REAL
         image, labels = make_sample(cfg, domain, ("source", "train", "val").index(split), index)
-        counts[split] += np.bincount(_LABELID_TO_TRAINID[labels].ravel(), minlength=256)
+        counts[split] += np.bincount(_TO_TRAINID[labels].ravel(), minlength=256)
         for path, array in ((image_path, image), (label_path, labels)):
             path.parent.mkdir(parents=True, exist_ok=True)
             Image.fromarray(array).save(path)
