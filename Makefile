@@ -28,7 +28,7 @@ demo: $(STAMP)
 	$(BIN)/pixcli demo --out runs/demo
 
 bench: $(STAMP)
-	$(BIN)/python benchmarks/run_all.py
+	for b in warmup_eval_bench pseudolabel_bench embed_report_bench; do $(BIN)/python benchmarks/$$b.py || exit 1; done
 
 clean:
 	rm -rf runs .pytest_cache .ruff_cache
