@@ -27,9 +27,6 @@ class DecodeHead(nn.Module):
     out_channels: int
     output_stride: int
 
-    def forward(self, feats: list[Tensor]) -> Tensor:
-        raise NotImplementedError
-
 
 def fine_index(reductions: Sequence[int]) -> int:
     """Index of the highest-resolution stage with stride >= 4 (the last stage if none)."""
