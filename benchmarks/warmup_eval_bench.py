@@ -60,7 +60,9 @@ def measure_loop(bench: Path, iterations: int) -> dict:
     )
     with tempfile.TemporaryDirectory() as tmp:
         warmup.run(cfg, Path(tmp))
-        log = [json.loads(line) for line in (Path(tmp) / "train_log.jsonl").read_text().split()]
+        log = [
+            json.loads(line) for line in (Path(tmp) / "train_log.jsonl").read_text().splitlines()
+        ]
     rates = [e["it_s"] for e in log if "it_s" in e][1:]  # skip the first window (start-up)
     return {"it_s": sum(rates) / len(rates), "peak_mb": peak_rss_mb()}
 
