@@ -1,9 +1,11 @@
 """Self-distillation into a fresh student: the losses of ``pixcli distill``.
 
-CPSL (Li et al., CVPR 2022, Sec. 4.2, "CPSL+distill" in Tables 1-2) follows ProDA (Zhang et
-al., CVPR 2021, Sec. 3.4 "distillation to self-supervised model"; that paper is not in
-``../shared/papers/``): after adaptation has converged, the adapted model is the teacher of a
-student that starts from pretrained weights, for two more rounds. ProDA's student loss is
+CPSL (Li et al., CVPR 2022, Sec. 4.2, "CPSL+distill" in Tables 1-2; CPSL gives no equation)
+follows ProDA (Zhang et al., CVPR 2021, Sec. 3.4 "distillation to self-supervised model"; that
+paper is not in ``../shared/papers/``, so no equation number is quoted here, and the form
+below is checked against ProDA's published code, ``step_distillation``): after adaptation has
+converged, the adapted model is the teacher of a student that starts from pretrained weights,
+for two more rounds. ProDA's student loss is
 
     l_KD = l_ce(p_S, y_T) + beta KL(p_T || p_S)      (plus the source cross-entropy)
 

@@ -8,7 +8,8 @@ in ``pixcli.losses.distillation``; this module wires it:
   geometry, bilinear from the label grid to pixels).
 - Target labels: ``y_T = argmax p_T``, ignored where ``max p_T < threshold`` (0.95) or
   outside the image; plain cross-entropy on them (weights 1, no confidence weighting).
-  The loop's own EMA teacher plays no part in the labels.
+  The loop's own EMA teacher (an average of the student) plays no part in the labels or
+  the KL term; it still runs on the weak view every step, as the loop has no switch for it.
 - Extra loss: ``weight * KL(p_T || p_S)`` with ``p_S`` the student on the strong view (the
   crop's geometry, photometric changes only), on every target pixel of the crop: pixels
   where ClassMix pasted labelled content, and padding, are left out.
