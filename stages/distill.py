@@ -104,7 +104,7 @@ def run(cfg: DistillConfig, teacher: Path, out: Path) -> dict:
     source = open_labelled(cfg.source, cfg.source_split, "--source")
     target = open_data(cfg.target, cfg.target_split, "--target")
     val = open_labelled(cfg.val, cfg.val_split, "--val") if cfg.val else None
-    _teacher_checkpoint(teacher, target, source)
+    _check_teacher(teacher, target, source)
     inputs = {
         "teacher": file_fingerprint(teacher),
         "source": source.fingerprint(),
@@ -112,7 +112,7 @@ def run(cfg: DistillConfig, teacher: Path, out: Path) -> dict:
     }
     if val is not None:
         inputs["val"] = val.fingerprint()
-    init_file = _init_file(cfg.student_init)
+    init_file = _parse_init(cfg.student_init)[1]
     if init_file is not None:
         inputs["student_init"] = file_fingerprint(init_file)
     done = prepare_out_dir(out, "distill", inputs, to_dict(cfg))
@@ -123,7 +123,7 @@ def run(cfg: DistillConfig, teacher: Path, out: Path) -> dict:
     current = teacher
     for r in range(1, cfg.rounds + 1):
         previous = rounds[-1] if rounds else None
-        rounds.append(_round(cfg, r, current, out / f"round{r}", previous))
+        rounds.append(_round(cfg, r, current, out / f"round{r}", inputs, previous))
         current = Path(rounds[-1]["student"])
     results = {
         "rounds": rounds,
@@ -165,19 +165,14 @@ def _parse_init(spec: str) -> tuple[str, Path | None]:
     return kind, Path(path) if needs_file else None
 
 
-def _init_file(spec: str) -> Path | None:
-    return _parse_init(spec)[1]
-
-
-def _teacher_checkpoint(path: Path, target: SegDataset, source: SegDataset) -> dict:
-    """The teacher's checkpoint, refused when missing, unreadable or for other classes."""
+def _check_teacher(path: Path, target: SegDataset, source: SegDataset) -> None:
+    """Refuse a teacher checkpoint that is missing, unreadable or made for other classes."""
     try:
         ckpt = load_checkpoint(path)
         check_classes(path, ckpt, target.taxonomy.classes)
         check_classes(path, ckpt, source.taxonomy.classes)
     except UserError as exc:
         raise UserError(f"--teacher {exc}") from None
-    return ckpt
 
 
 # ----------------------------------------------------------------------------- one round
@@ -190,10 +185,13 @@ def _round_config(cfg: DistillConfig) -> dict:
     return data
 
 
-def _round(cfg: DistillConfig, r: int, teacher: Path, rdir: Path, previous: dict | None) -> dict:
-    """Run (or skip, when finished) round ``r``; returns its manifest's results."""
+def _round(
+    cfg: DistillConfig, r: int, teacher: Path, rdir: Path, data: dict, previous: dict | None
+) -> dict:
+    """Run (or skip, when finished) round ``r``; returns its manifest's results. ``data``:
+    the fingerprints of the run's inputs (the round's teacher replaces the run's)."""
     timer = Timer()
-    inputs = {"teacher": file_fingerprint(teacher)}
+    inputs = {**data, "teacher": file_fingerprint(teacher)}
     done = prepare_out_dir(rdir, ROUND_STAGE, inputs, _round_config(cfg))
     if done is not None:
         return done["results"]
