@@ -6,6 +6,9 @@ from __future__ import annotations
 import copy
 import json
 import math
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -254,6 +257,8 @@ def _step(method: PGPC, student, teacher, step: int, seed: int = 0) -> tuple[Ste
         ctx.teacher_output = teacher(target)
     ctx.student_labelled = student(source)
     ctx.student_unlabelled = student(target)
+    ctx.student_labelled.proj.retain_grad()
+    ctx.student_unlabelled.proj.retain_grad()
     return ctx, method.losses(ctx)
 
 
@@ -266,6 +271,12 @@ def test_gradient_reaches_the_student_but_not_banks_prototypes_or_teacher(tiny_b
     for part in (student.projector, student.decoder, student.backbone):
         assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in part.parameters())
     assert all(p.grad is None for p in teacher.parameters())
+    # only the anchors carry gradient: not the source pixels behind the prototypes and the
+    # source negatives, nor the target cells pushed into the negative bank this step
+    source_grad = ctx.student_labelled.proj.grad
+    assert source_grad is None or not source_grad.any()
+    target_grad = ctx.student_unlabelled.proj.grad
+    assert int(target_grad.abs().sum(dim=1).gt(0).sum()) == ctx.extras["anchors"]
     assert not any(b.requires_grad for b in method.buffers())  # the banks
     prototypes, present = method.source_bank.prototypes()
     assert present.any() and not prototypes.requires_grad
@@ -342,15 +353,27 @@ def warm_daformer(tiny_bench: Path, tmp_path_factory: pytest.TempPathFactory) ->
     return out / "model.pt"
 
 
+TINY_PGPC_TOML = (
+    "batch_size = 2\nnum_workers = 0\n"
+    "[optim]\nlr = 0.01\nhead_lr_mult = 1.0\n"
+    "[loop]\niterations = 4\nlog_every = 1\ncheckpoint_every = 2\n"
+    "[augment]\ncrop_size = [32, 32]\nscale_range = [0.75, 1.25]\n"
+    "[pgpc]\nwarmup_iterations = 2\nproj_dim = 8\nbank_size = 16\nnegative_bank_size = 64\n"
+)
+
+
+def _contrast_log(out: Path) -> list[dict]:
+    log = [json.loads(x) for x in (out / "train_log.jsonl").read_text().splitlines()]
+    steps = [e for e in log if "ce_labelled" in e]
+    assert [e["step"] for e in steps] == [1, 2, 3, 4]
+    assert [e["contrast"] == 0.0 for e in steps] == [True, True, False, False]
+    assert all(e["contrast"] > 0 and e["anchors"] > 0 for e in steps[2:])
+    return steps
+
+
 def test_adapt_pgpc_through_the_cli(tiny_bench: Path, warm_daformer: Path, tmp_path: Path):
     config = tmp_path / "pgpc.toml"
-    config.write_text(
-        "batch_size = 2\nnum_workers = 0\n"
-        "[optim]\nlr = 0.01\nhead_lr_mult = 1.0\n"
-        "[loop]\niterations = 4\nlog_every = 1\ncheckpoint_every = 2\n"
-        "[augment]\ncrop_size = [32, 32]\nscale_range = [0.75, 1.25]\n"
-        "[pgpc]\nwarmup_iterations = 2\nproj_dim = 8\nbank_size = 16\nnegative_bank_size = 64\n"
-    )
+    config.write_text(TINY_PGPC_TOML)
     out = tmp_path / "adapt"
     result = CliRunner().invoke(
         app,
@@ -365,11 +388,7 @@ def test_adapt_pgpc_through_the_cli(tiny_bench: Path, warm_daformer: Path, tmp_p
     model = load_checkpoint(out / "model.pt")
     assert model["model_config"]["proj_dim"] == 8
     assert any(k.startswith("projector.") for k in model["state_dict"])
-    log = [json.loads(x) for x in (out / "train_log.jsonl").read_text().splitlines()]
-    steps = [e for e in log if "ce_labelled" in e]
-    assert [e["step"] for e in steps] == [1, 2, 3, 4]
-    assert [e["contrast"] == 0.0 for e in steps] == [True, True, False, False]
-    assert all(e["contrast"] > 0 and e["anchors"] > 0 for e in steps[2:])
+    _contrast_log(out)
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["config"]["pgpc"]["warmup_iterations"] == 2
     method = load_checkpoint(out / "last.pt")["train_state"]["modules"]["method"]
@@ -396,3 +415,20 @@ def test_adapt_pgpc_resumes_with_its_projection_head_and_banks(
     state = load_checkpoint(tmp_path / "r" / "last.pt")["train_state"]["modules"]
     assert int(state["method"]["negative_bank.size"]) > int(first["negative_bank.size"])
     assert state["teacher"]["projector.layers.1.weight"].shape == (8, 16, 1, 1)
+
+
+@pytest.mark.slow
+def test_adapt_pgpc_under_torchrun(tiny_bench: Path, warm_daformer: Path, tmp_path: Path):
+    """2 CPU processes (gloo): the projection head is in every backward pass (DDP would
+    stop at step 2 otherwise), the bank pushes gather across ranks."""
+    config = tmp_path / "pgpc.toml"
+    config.write_text(TINY_PGPC_TOML)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           "-m", "pixcli", "adapt", "--method", "pgpc", "--checkpoint", str(warm_daformer),
+           "--source", f"gta5:{tiny_bench / 'source'}",
+           "--target", f"cityscapes:{tiny_bench / 'target'}",
+           "--config", str(config), "--device", "cpu", "--out", str(tmp_path / "ddp")]  # fmt: skip
+    done = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True)
+    assert done.returncode == 0, done.stderr.decode()[-2000:]
+    _contrast_log(tmp_path / "ddp")
+    assert load_checkpoint(tmp_path / "ddp" / "model.pt")["model_config"]["proj_dim"] == 8

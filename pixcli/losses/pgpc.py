@@ -50,7 +50,7 @@ class PGPCConfig:
 
     lambda_c: float = 0.1  # weight of L_c in Eq. 6, Sec. 4.3 (Table 9)
     tau: float = 0.5  # temperature of Eq. 5, Sec. 4.1
-    eta: float = 0.5  # fraction of reliable target pixels, Sec. 3.2 (Table 11)
+    eta: float = 0.5  # reliable fraction of each image's pixels, Sec. 3.2 (Table 11)
     rank_r: int = 4  # r of Eq. 11 (Table 12)
     anchors_per_class: int = 256  # N_a, anchors per class and step (Table 10)
     negatives_per_anchor: int = 512  # N of Eq. 5 (Table 10)
