@@ -30,6 +30,7 @@ from pixcli.engine.trainer import LoopConfig, TrainLoop
 from pixcli.errors import UserError
 from pixcli.losses.cpsl import CPSLConfig
 from pixcli.losses.distillation import KDConfig
+from pixcli.losses.pgpc import PGPCConfig
 from pixcli.methods import METHODS, MethodSetup
 from stages.common import Timer, load_model_for, open_labelled, prepare_out_dir
 
@@ -62,6 +63,7 @@ class AdaptConfig:
     eval: InferenceConfig = field(default_factory=InferenceConfig)
     cpsl: CPSLConfig = field(default_factory=CPSLConfig)  # [cpsl] section, --method cpsl
     distill: KDConfig = field(default_factory=KDConfig)  # [distill], --method distill
+    pgpc: PGPCConfig = field(default_factory=PGPCConfig)  # [pgpc] section, --method pgpc
 
 
 def split_labelled(
@@ -138,8 +140,6 @@ def run(cfg: AdaptConfig, checkpoint: Path, out: Path) -> dict:
         return done
 
     student, ckpt = load_model_for(checkpoint, labelled, runtime)
-    student.train()
-    teacher = copy.deepcopy(student).eval().requires_grad_(False)
     setup = MethodSetup(
         num_classes=student.config.num_classes,
         feature_dim=student.config.feature_dim,
@@ -151,6 +151,9 @@ def run(cfg: AdaptConfig, checkpoint: Path, out: Path) -> dict:
     method_cfg = getattr(cfg, cfg.method, None)  # the method's own section, if it has one
     method = method_cls(setup, method_cfg) if method_cfg is not None else method_cls(setup)
     method.to(runtime.device)
+    method.prepare_student(student)  # before the teacher copy and DDP (e.g. a projection head)
+    student.train()
+    teacher = copy.deepcopy(student).eval().requires_grad_(False)
     ddp_student = wrap_ddp(student, runtime)
     groups = student.param_groups(cfg.optim.lr, cfg.optim.head_lr_mult)
     method_params = [p for p in method.parameters() if p.requires_grad]

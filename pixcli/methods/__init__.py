@@ -5,7 +5,10 @@ from __future__ import annotations
 from pixcli.methods.base import Method, MethodSetup, StepContext
 from pixcli.methods.cpsl import CPSL
 from pixcli.methods.distill import Distill
+from pixcli.methods.pgpc import PGPC
 
-METHODS: dict[str, type[Method]] = {"none": Method, "cpsl": CPSL, "distill": Distill}
+METHODS: dict[str, type[Method]] = {
+    "none": Method, "cpsl": CPSL, "pgpc": PGPC, "distill": Distill,
+}  # fmt: skip
 
 __all__ = ["METHODS", "Method", "MethodSetup", "StepContext"]

@@ -4,6 +4,8 @@ A method is an ``nn.Module`` (so its heads and buffers — memory banks, running
 distributions — are trained, saved and resumed with the run) that may:
 
 - hold extra heads, trained at ``lr * head_lr_mult`` (its parameters);
+- change the student before training (``prepare_student``), e.g. give it a projection head
+  (then DDP, the EMA teacher and ``model.pt`` include it);
 - change the target labels and their weights (``target_labels``), e.g. CPSL's rectification;
 - add loss terms (``losses``), already weighted;
 - update its state after the optimiser step (``after_step``), e.g. queues and momentum heads.
@@ -21,7 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from pixcli.data.readers import SegDataset
-from pixcli.models.segmentor import SegOutput
+from pixcli.models.segmentor import Segmentor, SegOutput
 
 
 @dataclass
@@ -72,6 +74,10 @@ class Method(nn.Module):
     def __init__(self, setup: MethodSetup) -> None:
         super().__init__()
         self.setup = setup
+
+    def prepare_student(self, student: Segmentor) -> None:
+        """Change the student before the teacher is copied from it and DDP wraps it
+        (default: nothing)."""
 
     def use_strong_view(self) -> bool:
         """Whether the student sees the strong (photometric) view of the unlabelled images."""

@@ -161,3 +161,26 @@ def build_segmentor(cfg: SegmentorConfig, *, load_weights: bool = True) -> Segme
         output_stride=cfg.output_stride,
     )
     return Segmentor(cfg, backbone)
+
+
+def add_projection_head(model: Segmentor, proj_dim: int, seed: int = 0) -> None:
+    """Give ``model`` a new projection head of ``proj_dim`` unless it has one of that size.
+
+    For methods whose pixel contrast trains a projection head in the adaptation stage (PGPC),
+    starting from a checkpoint made without one. The head is part of the model, so DDP
+    synchronises its gradients, the EMA teacher copied from the model has it too, and the
+    model's ``config.proj_dim`` (stored in ``model.pt``) says so. Its initial weights depend
+    only on ``seed`` (the same on every rank), not on the global random state.
+    """
+    if model.projector is not None:
+        if model.config.proj_dim != proj_dim:
+            raise UserError(
+                f"the model already has a projection head of {model.config.proj_dim} "
+                f"dimensions, not {proj_dim}"
+            )
+        return
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        head = ProjectionHead(model.config.feature_dim, proj_dim)
+    model.projector = head.to(next(model.classifier.parameters()).device)
+    model.config = dataclasses.replace(model.config, proj_dim=proj_dim)
