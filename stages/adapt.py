@@ -29,6 +29,7 @@ from pixcli.engine.self_training import SelfTrainingConfig, SelfTrainingStep
 from pixcli.engine.trainer import LoopConfig, TrainLoop
 from pixcli.errors import UserError
 from pixcli.losses.cpsl import CPSLConfig
+from pixcli.losses.pixl import PiXLConfig
 from pixcli.methods import METHODS, MethodSetup
 from stages.common import Timer, load_model_for, open_labelled, prepare_out_dir
 
@@ -60,6 +61,7 @@ class AdaptConfig:
     self_training: SelfTrainingConfig = field(default_factory=SelfTrainingConfig)
     eval: InferenceConfig = field(default_factory=InferenceConfig)
     cpsl: CPSLConfig = field(default_factory=CPSLConfig)  # [cpsl] section, --method cpsl
+    pixl: PiXLConfig = field(default_factory=PiXLConfig)  # [pixl] section, --method pixl
 
 
 def split_labelled(
