@@ -35,7 +35,7 @@ from pixcli.losses.pixl import (
     thing_mask,
 )
 from pixcli.methods import METHODS, Method, MethodSetup, StepContext
-from pixcli.methods.pixl import PiXL
+from pixcli.methods.pixl import PiXL, crop_windows
 from pixcli.models import SegmentorConfig, build_segmentor
 from stages import adapt, warmup
 
@@ -219,6 +219,13 @@ def _method(num_classes: int = 4, total: int = 100, **cfg: object) -> PiXL:
     return PiXL(setup, PiXLConfig(**cfg))  # type: ignore[arg-type]
 
 
+def test_crop_windows_cut_one_window_per_image():
+    x = torch.arange(2 * 5 * 6, dtype=torch.float32).reshape(2, 5, 6)
+    out = crop_windows(x, [(1, 2), (0, 3)], (3, 3))
+    assert out.shape == (2, 3, 3)
+    assert torch.equal(out[0], x[0, 1:4, 2:5]) and torch.equal(out[1], x[1, 0:3, 3:6])
+
+
 def test_entropy_window_by_hand():
     entropy = torch.zeros(8, 8)
     entropy[5:8, 2:5] = 1.0  # a hot 3x3 patch
@@ -283,7 +290,10 @@ def test_losses_on_a_tiny_student_without_pretrained_backbone_have_no_fd():
     student = _tiny_student()
     method = _method(entropy_crop_start=0)
     ctx = _context(student, method, step=0, unlabelled=True)
+    inputs: list[tuple[int, ...]] = []
+    student.register_forward_pre_hook(lambda _m, args: inputs.append(tuple(args[0].shape)))
     out = method.losses(ctx)
+    assert inputs == [(2, 3, 32, 32), (2, 3, 32, 32)]  # X^H of the labelled and mixed crops
     assert set(out) == {"ce_high", "dpa"}
     assert ctx.extras["eta"] == pytest.approx(0.2) and ctx.extras["entropy_crop"] == 1.0
     # per image about eta of its valid pixels drift (ties aside)
@@ -311,7 +321,10 @@ def test_fd_runs_with_an_imagenet_backbone_file_on_labelled_images(tmp_path: Pat
     method = PiXL(setup, PiXLConfig(fd_thing_classes=(3,), fd_min_ratio=0.5))
     out = method.losses(_context(student, method, 0, unlabelled=True))
     assert set(out) == {"ce_high", "dpa", "fd"} and out["fd"] > 0
-    assert "_imagenet" not in str(list(method.state_dict()))  # the frozen copy is not saved
+    assert not method.state_dict() and not list(method.parameters())  # the copy is not saved
+    out["fd"].backward()  # L_FD reaches the student's backbone only
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in student.backbone.parameters())
+    assert all(p.grad is None for p in student.decoder.parameters())
     # the supervised setting (no unlabelled stream) never applies L_FD (A.3)
     setup.unlabelled = None
     supervised = PiXL(setup, PiXLConfig(fd_thing_classes=(3,)))

@@ -42,8 +42,9 @@ class MethodSetup:
 class StepContext:
     """One step's tensors, at the input resolution unless said otherwise.
 
-    ``student_*`` outputs are at the model's output stride (``SegOutput``). ``mix_mask`` is 1
-    where the mixed image shows the labelled image (None without mixing).
+    ``student_*`` outputs are at the model's output stride (``SegOutput``), on the method's
+    ``student_input`` of the crop (the crop itself by default). ``mix_mask`` is 1 where the
+    mixed image shows the labelled image (None without mixing).
     """
 
     step: int
@@ -57,7 +58,7 @@ class StepContext:
     pseudo_label: Tensor | None = None  # (B, H, W) after the method's hook
     pseudo_weight: Tensor | None = None  # (B, H, W)
     mix_mask: Tensor | None = None
-    mixed_image: Tensor | None = None  # the student's unlabelled input (mixed + strong)
+    mixed_image: Tensor | None = None  # the unlabelled crop, mixed + strong (student_input)
     mixed_label: Tensor | None = None  # (B, H, W) labels of mixed_image (mixed pseudo labels)
     mixed_weight: Tensor | None = None  # (B, H, W) their weights
     student_labelled: SegOutput | None = None
