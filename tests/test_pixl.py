@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -501,3 +504,23 @@ def test_loop_feeds_the_student_input_hook_and_exposes_mixed_labels(
     step = next(s for s in Spy.seen if "mixed_label_ok" in s)
     assert step["mixed_label_ok"] and step["weight_shape"] == (2, 32, 32)
     assert step["low_grid"] == (2, 2) and step["full_grid"] == (4, 4)  # stride 8
+
+
+@pytest.mark.slow
+def test_adapt_pixl_under_torchrun_with_two_cpu_processes(
+    tiny_bench: Path, warm: Path, tmp_path: Path
+):
+    """DDP (gloo): the student runs four times per step (X^L twice in the loop, X^H twice
+    here) before one backward pass; every rank builds its prototypes from its own images."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           "-m", "pixcli", "adapt", "--method", "pixl", "--checkpoint", str(warm),
+           "--source", f"gta5:{tiny_bench / 'source'}", "--target",
+           f"cityscapes:{tiny_bench / 'target'}", "--out", str(tmp_path), "--device", "cpu",
+           "--iterations", "3", "--batch-size", "2", "--set", "num_workers=0",
+           "--set", "augment.crop_size=[32, 32]", "--set", "loop.log_every=1",
+           "--set", "pixl.entropy_crop_start=1"]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[1])}
+    done = subprocess.run(cmd, env=env, capture_output=True)
+    assert done.returncode == 0, done.stderr.decode()[-2000:]
+    steps = _log(tmp_path)
+    assert len(steps) == 3 and all({"ce_high", "dpa"} <= set(e) for e in steps)

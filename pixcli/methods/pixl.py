@@ -24,10 +24,12 @@ self-training loop. The maths lives in ``pixcli.losses.pixl``; this module wires
   with larger batches all images of the step form the local distribution, each partitioned
   on its own. In the supervised setting (no unlabelled stream) the step's labelled images
   are the distributions.
-- L_FD (Eq. 13-14): on the labelled X^H, between the student's last backbone map and a frozen
-  copy of the backbone with its ImageNet weights (rebuilt from the model's ``pretrained`` /
-  ``weights_file``; held outside the checkpointed state), on thing-class cells. Off without
-  an ImageNet-pretrained backbone, in the supervised setting, or with ``lambda_fd = 0``.
+- L_FD (Eq. 13-14): on the labelled X^H (pixcli's choice: the X^L pass belongs to the
+  loop, whose backbone maps the method never sees), between the student's last backbone map
+  and a frozen copy of the backbone with its ImageNet weights (rebuilt from the model's
+  ``pretrained`` / ``weights_file``; held outside the checkpointed state), on thing-class
+  cells. Off without an ImageNet-pretrained backbone, in the supervised setting, or with
+  ``lambda_fd = 0``.
 
 Every term is computed per rank from the rank's own images: the local distribution of a step
 is the images of that step, so nothing is gathered across processes.
