@@ -31,6 +31,7 @@ from pixcli.errors import UserError
 from pixcli.losses.cpsl import CPSLConfig
 from pixcli.losses.distillation import KDConfig
 from pixcli.losses.pgpc import PGPCConfig
+from pixcli.losses.pixl import PiXLConfig
 from pixcli.methods import METHODS, MethodSetup
 from stages.common import Timer, load_model_for, open_labelled, prepare_out_dir
 
@@ -64,6 +65,7 @@ class AdaptConfig:
     cpsl: CPSLConfig = field(default_factory=CPSLConfig)  # [cpsl] section, --method cpsl
     distill: KDConfig = field(default_factory=KDConfig)  # [distill], --method distill
     pgpc: PGPCConfig = field(default_factory=PGPCConfig)  # [pgpc] section, --method pgpc
+    pixl: PiXLConfig = field(default_factory=PiXLConfig)  # [pixl] section, --method pixl
 
 
 def split_labelled(

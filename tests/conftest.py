@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -10,7 +11,8 @@ from tiny import TINY_BENCHMARK
 
 from pixcli.data.benchmark import make_benchmark
 
-torch.set_num_threads(2)
+# Two threads (the CI machine's cores), unless OMP_NUM_THREADS says otherwise (a busy machine).
+torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
 
 
 @pytest.fixture(scope="session")

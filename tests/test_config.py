@@ -84,6 +84,9 @@ def test_examples_demo_toml_matches_the_demo_defaults():
         ("cpsl_synthia_to_cityscapes.toml", "adapt.AdaptConfig"),
         ("cpsl_distill_gta5_to_cityscapes.toml", "distill.DistillConfig"),
         ("pgpc_gta5_to_cityscapes.toml", "adapt.AdaptConfig"),
+        ("pixl_gta5_to_cityscapes.toml", "adapt.AdaptConfig"),
+        ("pixl_cityscapes_semi.toml", "adapt.AdaptConfig"),
+        ("pixl_cityscapes_supervised.toml", "adapt.AdaptConfig"),
     ],
 )
 def test_every_example_loads_into_its_stage_config(name: str, stage: str):
@@ -102,5 +105,7 @@ def test_every_example_file_is_covered_by_a_test():
         "cpsl_gta5_to_cityscapes.toml", "cpsl_synthia_to_cityscapes.toml",
         "cpsl_distill_gta5_to_cityscapes.toml",
         "pgpc_gta5_to_cityscapes.toml",
+        "pixl_gta5_to_cityscapes.toml", "pixl_cityscapes_semi.toml",
+        "pixl_cityscapes_supervised.toml",
     }  # fmt: skip
     assert {p.name for p in examples.glob("*.toml")} <= covered

@@ -5,17 +5,23 @@ window in each direction is shifted back inside the image; the logits of all win
 summed into the full-size map together with a count matrix, and divided by the count
 before any softmax. Images smaller than the window are one window of their own size.
 
+With ``multi_resolution`` (PiXL, A.4.2) each window's logits combine a low-resolution and a
+high-resolution prediction (:func:`multi_resolution_logits`); off by default.
+
 :func:`predict_on_grid` gives logits *and* decoder features on a coarse grid (e.g. the
 model's output grid) for stages that store per-pixel predictions and class prototypes.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from pixcli.errors import UserError
 
 
 @dataclass
@@ -26,6 +32,17 @@ class InferenceConfig:
     stride: tuple[int, int] | None = None  # default: 2/3 of the window, as mmseg's configs
     window_batch: int = 8  # windows per forward pass
     flip: bool = False  # average with the horizontally flipped prediction
+    # PiXL A.4.2: each window (or the whole image without a window) predicted as the mean of
+    # its low-resolution prediction (resized by multi_resolution_scale) and its high-resolution
+    # prediction (tiles of that size at full resolution); see multi_resolution_logits.
+    multi_resolution: bool = False
+    multi_resolution_scale: float = 0.5  # PiXL A.4.2: 1024 windows, 512 inputs
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.multi_resolution_scale <= 1.0:
+            raise UserError(
+                f"eval.multi_resolution_scale must be in (0, 1], got {self.multi_resolution_scale}"
+            )
 
 
 @dataclass
@@ -60,9 +77,18 @@ def window_starts(size: int, window: int, stride: int) -> list[int]:
 
 
 def slide_logits(
-    model: nn.Module, x: torch.Tensor, window: tuple[int, int], stride: tuple[int, int], batch: int
+    model: nn.Module,
+    x: torch.Tensor,
+    window: tuple[int, int],
+    stride: tuple[int, int],
+    batch: int,
+    window_logits: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """Sliding-window logits (B, C, H, W), averaged where windows overlap."""
+    """Sliding-window logits (B, C, H, W), averaged where windows overlap.
+
+    ``window_logits`` maps a batch of windows to their logits at the windows' size (default:
+    :func:`upsampled_logits` of ``model``).
+    """
     _, _, h, w = x.shape
     wh, ww = min(window[0], h), min(window[1], w)
     boxes = [
@@ -74,7 +100,7 @@ def slide_logits(
         for start in range(0, len(boxes), batch):
             chunk = boxes[start : start + batch]
             crops = torch.cat([x[img : img + 1, :, y : y + wh, c : c + ww] for y, c in chunk])
-            out = upsampled_logits(model, crops)
+            out = window_logits(crops) if window_logits else upsampled_logits(model, crops)
             if total is None:
                 total = torch.zeros(x.shape[0], out.shape[1], h, w, device=x.device)
             for (y, c), logit in zip(chunk, out, strict=True):
@@ -85,15 +111,44 @@ def slide_logits(
     return total / count
 
 
+def multi_resolution_logits(
+    model: nn.Module, x: torch.Tensor, scale: float, batch: int
+) -> torch.Tensor:
+    """PiXL's prediction of a window (A.4.2), the counterpart of its training crops: the mean of
+
+    - the low-resolution logits: ``x`` resized by ``scale`` (X^L), logits resized back, and
+    - the high-resolution logits: ``x`` at full resolution in tiles of X^L's size (X^H), by
+      :func:`slide_logits` with stride = tile (tiles overlap only where the last one is
+      shifted back inside).
+
+    Choice: HRDA (and PiXL on it) fuses the two with a learned scale attention; pixcli's
+    models have no attention head, so the logits are averaged with equal weights. With
+    ``scale = 1`` both are the plain prediction of ``x``.
+    """
+    h, w = x.shape[-2:]
+    size = (max(1, round(h * scale)), max(1, round(w * scale)))
+    low = resize_map(upsampled_logits(model, resize_map(x, size)), (h, w))
+    high = slide_logits(model, x, size, size, batch)
+    return (low + high) / 2
+
+
 @torch.no_grad()
 def predict_logits(model: nn.Module, x: torch.Tensor, cfg: InferenceConfig) -> torch.Tensor:
-    """Logits at input resolution, whole-image or sliding window, optionally flip-averaged."""
+    """Logits at input resolution, whole-image or sliding window, optionally flip-averaged;
+    with ``cfg.multi_resolution`` every window is :func:`multi_resolution_logits`."""
+
+    def window_logits(crops: torch.Tensor) -> torch.Tensor:
+        if cfg.multi_resolution:
+            return multi_resolution_logits(
+                model, crops, cfg.multi_resolution_scale, cfg.window_batch
+            )
+        return upsampled_logits(model, crops)
 
     def once(inp: torch.Tensor) -> torch.Tensor:
         if cfg.window is None:
-            return upsampled_logits(model, inp)
+            return window_logits(inp)
         stride = cfg.stride or (max(1, cfg.window[0] * 2 // 3), max(1, cfg.window[1] * 2 // 3))
-        return slide_logits(model, inp, cfg.window, stride, cfg.window_batch)
+        return slide_logits(model, inp, cfg.window, stride, cfg.window_batch, window_logits)
 
     logits = once(x)
     if cfg.flip:
@@ -118,7 +173,8 @@ def predict_on_grid(
     are exactly the classifier applied to these features. With a sliding window the logits
     are :func:`predict_logits` at input resolution, resized down to ``grid``, while the
     features still come from one whole-image pass: gathering them window by window would
-    mean ``D`` channels at input resolution. Both are resized only when the model's own
+    mean ``D`` channels at input resolution. ``cfg.multi_resolution`` likewise takes the
+    logits from :func:`predict_logits`. Both are resized only when the model's own
     output grid differs from ``grid`` (see :func:`resize_map`).
     """
     out = model(x)
@@ -127,6 +183,6 @@ def predict_on_grid(
         flipped = model(x.flip(-1))
         logits = (logits + flipped.logits.float().flip(-1)) / 2
         features = (features + flipped.features.float().flip(-1)) / 2
-    if cfg.window is not None:
+    if cfg.window is not None or cfg.multi_resolution:
         logits = predict_logits(model, x, cfg)
     return GridPrediction(resize_map(logits, grid), resize_map(features, grid))

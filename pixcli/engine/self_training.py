@@ -2,7 +2,8 @@
 
 One step (UDA; DAFormer/DACS as the baseline every paper measures against):
 
-1. labelled batch -> student -> cross-entropy (source CE, CPSL Eq. 3);
+1. labelled batch -> student (on ``method.student_input`` of the crop, the crop itself
+   unless the method says otherwise) -> cross-entropy (source CE, CPSL Eq. 3);
 2. unlabelled batch, weak view (crop + flip) -> EMA teacher -> probabilities -> hard pseudo
    labels and per-image confidence weights (``losses.self_training``);
 3. the method's hook may change labels and weights (CPSL: rectification, Eq. 1);
@@ -86,10 +87,11 @@ class SelfTrainingStep:
             step=step,
             labelled_image=batch["image"].to(dev, non_blocking=True),
             labelled_label=batch["label"].to(dev, non_blocking=True),
+            student=self.student,
         )
         losses: dict[str, Tensor] = {}
         with self.runtime.autocast():
-            ctx.student_labelled = self.student(ctx.labelled_image)
+            ctx.student_labelled = self.student(self.method.student_input(ctx.labelled_image))
             losses["ce_labelled"] = F.cross_entropy(
                 full_size(ctx.student_labelled.logits, ctx.labelled_image),
                 ctx.labelled_label,
@@ -139,7 +141,7 @@ class SelfTrainingStep:
             image = strong_view(
                 image, self.cfg.strong_jitter, self.cfg.strong_blur_prob, self.generator
             )
-        ctx.mixed_image = image
-        ctx.student_unlabelled = self.student(ctx.mixed_image)
+        ctx.mixed_image, ctx.mixed_label, ctx.mixed_weight = image, labels, weights
+        ctx.student_unlabelled = self.student(self.method.student_input(ctx.mixed_image))
         logits = full_size(ctx.student_unlabelled.logits, ctx.mixed_image)
         return weighted_cross_entropy(logits, labels, weights)

@@ -6,9 +6,11 @@ from pixcli.methods.base import Method, MethodSetup, StepContext
 from pixcli.methods.cpsl import CPSL
 from pixcli.methods.distill import Distill
 from pixcli.methods.pgpc import PGPC
+from pixcli.methods.pixl import PiXL
 
 METHODS: dict[str, type[Method]] = {
-    "none": Method, "cpsl": CPSL, "pgpc": PGPC, "distill": Distill,
+    "none": Method, "cpsl": CPSL, "pgpc": PGPC, "pixl": PiXL, "distill": Distill,
 }  # fmt: skip
+
 
 __all__ = ["METHODS", "Method", "MethodSetup", "StepContext"]

@@ -6,6 +6,8 @@ distributions — are trained, saved and resumed with the run) that may:
 - hold extra heads, trained at ``lr * head_lr_mult`` (its parameters);
 - change the student before training (``prepare_student``), e.g. give it a projection head
   (then DDP, the EMA teacher and ``model.pt`` include it);
+- choose what the student sees of a training crop (``student_input``), e.g. PiXL's
+  low-resolution view;
 - change the target labels and their weights (``target_labels``), e.g. CPSL's rectification;
 - add loss terms (``losses``), already weighted;
 - update its state after the optimiser step (``after_step``), e.g. queues and momentum heads.
@@ -42,8 +44,9 @@ class MethodSetup:
 class StepContext:
     """One step's tensors, at the input resolution unless said otherwise.
 
-    ``student_*`` outputs are at the model's output stride (``SegOutput``). ``mix_mask`` is 1
-    where the mixed image shows the labelled image (None without mixing).
+    ``student_*`` outputs are at the model's output stride (``SegOutput``), on the method's
+    ``student_input`` of the crop (the crop itself by default). ``mix_mask`` is 1 where the
+    mixed image shows the labelled image (None without mixing).
     """
 
     step: int
@@ -57,11 +60,15 @@ class StepContext:
     pseudo_label: Tensor | None = None  # (B, H, W) after the method's hook
     pseudo_weight: Tensor | None = None  # (B, H, W)
     mix_mask: Tensor | None = None
-    mixed_image: Tensor | None = None  # the student's unlabelled input (mixed + strong)
+    mixed_image: Tensor | None = None  # the unlabelled crop, mixed + strong (student_input)
+    mixed_label: Tensor | None = None  # (B, H, W) labels of mixed_image (mixed pseudo labels)
+    mixed_weight: Tensor | None = None  # (B, H, W) their weights
     student_labelled: SegOutput | None = None
     student_unlabelled: SegOutput | None = None
     extras: dict = field(default_factory=dict)  # floats to log
     scratch: dict = field(default_factory=dict)  # a method's tensors between its hooks
+    student: nn.Module | None = None  # the student as the loop calls it (DDP-wrapped), for
+    # methods that run it on more inputs (PiXL's high-resolution crops)
 
 
 class Method(nn.Module):
@@ -82,6 +89,11 @@ class Method(nn.Module):
     def use_strong_view(self) -> bool:
         """Whether the student sees the strong (photometric) view of the unlabelled images."""
         return True
+
+    def student_input(self, image: Tensor) -> Tensor:
+        """What the student sees of a training crop (default: the crop itself). The loop's
+        cross-entropy terms upsample the student's logits to the crop's size either way."""
+        return image
 
     def teacher_momentum(self, default: float) -> float:
         """EMA momentum of the teacher at this step (default: the loop's)."""
