@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from pixcli.methods.base import Method, MethodSetup, StepContext
 from pixcli.methods.cpsl import CPSL
+from pixcli.methods.ipixmatch import IPixMatch
 
-METHODS: dict[str, type[Method]] = {"none": Method, "cpsl": CPSL}
+METHODS: dict[str, type[Method]] = {"none": Method, "cpsl": CPSL, "ipixmatch": IPixMatch}
 
 __all__ = ["METHODS", "Method", "MethodSetup", "StepContext"]
