@@ -18,7 +18,7 @@ Choices where the paper is silent:
 - The log|Omega| normalisation is part of Eq. 2, so it divides L_CR as well as L_KL.
 - Per image; the batch's loss is the mean over images with |Omega| >= 2 (log 1 = 0), and
   zero when there is none.
-- Pearson correlation of constant vectors is taken as 0 (their covariance over a small eps).
+- Pearson correlation of constant vectors is taken as 0 (their norms are clamped at a tiny eps).
 """
 
 from __future__ import annotations
@@ -57,11 +57,11 @@ def kl_distance(log_p: Tensor, log_q: Tensor) -> Tensor:
     return (log_p.exp() * (log_p - log_q)).sum()
 
 
-def correlation_distance(p: Tensor, q: Tensor, eps: float = 1e-8) -> Tensor:
+def correlation_distance(p: Tensor, q: Tensor, eps: float = 1e-12) -> Tensor:
     """sum_k (1 - Pearson(p_k, q_k)) (Eq. 5) for (C, n) distributions."""
     pc = p - p.mean(dim=1, keepdim=True)
     qc = q - q.mean(dim=1, keepdim=True)
-    rho = (pc * qc).sum(dim=1) / (pc.norm(dim=1) * qc.norm(dim=1) + eps)
+    rho = (pc * qc).sum(dim=1) / (pc.norm(dim=1) * qc.norm(dim=1)).clamp_min(eps)
     return (1 - rho).sum()
 
 
