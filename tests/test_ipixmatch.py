@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from tiny import random_checkpoint
+from tiny import random_checkpoint, tiny_warmup
 from typer.testing import CliRunner
 
 from pixcli.cli import app
@@ -25,6 +25,7 @@ from pixcli.methods.base import StrongView
 from pixcli.methods.ipixmatch import IPixMatch
 from pixcli.models import SegmentorConfig
 from pixcli.models.segmentor import SegOutput
+from stages import adapt
 
 
 def _direct(p: list[list[float]], q: list[list[float]], t: float, distance: str) -> float:
@@ -234,3 +235,22 @@ def test_student_logits_are_compared_at_the_input_resolution():
     up = F.interpolate(small, size=(4, 4), mode="bilinear", align_corners=False)
     expected = inter_pixel_loss(teacher, up, confident_region(teacher, 0.8))
     assert method.losses(ctx)["ipix"].item() == pytest.approx(expected.item())
+
+
+def test_adapt_uda_ipixmatch_uses_the_dacs_view(tiny_bench: Path, tmp_path: Path):
+    model = SegmentorConfig(backbone="test_resnet", head="deeplabv3plus", feature_dim=16)
+    checkpoint = random_checkpoint(tmp_path / "init.pt", model)
+    base = tiny_warmup(tiny_bench)
+    cfg = adapt.AdaptConfig(
+        method="ipixmatch", source=f"gta5:{tiny_bench / 'source'}",
+        target=f"cityscapes:{tiny_bench / 'target'}", device="cpu", batch_size=2,
+        num_workers=0, optim=base.optim, loop=base.loop, augment=base.augment,
+    )  # fmt: skip
+    cfg.loop.iterations = 2
+    cfg.ipixmatch.tau = 0.0
+    manifest = adapt.run(cfg, checkpoint, tmp_path / "u")
+    assert manifest["results"]["consistency"] == "dacs"
+    log = [json.loads(x) for x in (tmp_path / "u" / "train_log.jsonl").read_text().splitlines()]
+    steps = [e for e in log if "ce_labelled" in e]
+    # Omega excludes the pixels ClassMix pasted from the source image
+    assert all(e["ipix_raw"] > 0 and 0 < e["ipix_omega"] < 1 for e in steps)
