@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import copy
 import json
+import os
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -286,3 +289,19 @@ def test_consistency_follows_the_setting_unless_chosen(tiny_bench: Path, init: P
     cfg.self_training.consistency = "fixmatch"
     with pytest.raises(UserError, match="self_training.consistency 'fixmatch'"):
         adapt.run(cfg, init, Path("/nonexistent/never-written"))
+
+
+@pytest.mark.slow
+def test_semi_ipixmatch_under_torchrun(tiny_bench: Path, init: Path, tmp_path: Path):
+    """torchrun, 2 CPU processes (gloo, DDP): the FP forward's keyword reaches the model."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           "-m", "pixcli", "adapt", "--method", "ipixmatch", "--setting", "semi",
+           "--labeled-fraction", "0.5", "--checkpoint", str(init),
+           "--target", f"cityscapes:{tiny_bench / 'target'}", "--iterations", "2",
+           "--batch-size", "2", "--device", "cpu", "--out", str(tmp_path),
+           "--set", "num_workers=0", "--set", "augment.crop_size=[32, 32]",
+           "--set", "unimatch.confidence_threshold=0.0", "--set", "ipixmatch.tau=0.0",
+           "--set", "loop.log_every=1"]  # fmt: skip
+    done = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True)
+    assert done.returncode == 0, done.stderr.decode()[-2000:]
+    assert all(e["ipix_raw"] > 0 and e["ce_fp"] > 0 for e in _log(tmp_path))

@@ -137,9 +137,10 @@ def _on_some(
     generator: torch.Generator | None,
 ) -> torch.Tensor:
     """``fn`` applied to the images of ``x`` chosen each with probability ``prob``."""
-    chosen = (torch.rand(x.shape[0], generator=generator) < prob).to(x.device)
+    chosen = torch.rand(x.shape[0], generator=generator) < prob
     if not bool(chosen.any()):
         return x
+    chosen = chosen.to(x.device)
     out = x.clone()
     out[chosen] = fn(x[chosen])
     return out

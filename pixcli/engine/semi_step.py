@@ -159,8 +159,9 @@ class UniMatchStep(SelfTrainingStep):
         assert ctx.unlabelled_image is not None and partner.unlabelled_image is not None
         own, other = ctx.unlabelled_image, partner.unlabelled_image
         if self.method.use_strong_view():
-            own = photometric_view(own, self.semi.strong, self.generator)
-            other = photometric_view(other, self.semi.strong, self.generator)
+            with torch.autocast(own.device.type, enabled=False):  # augment in float32
+                own = photometric_view(own, self.semi.strong, self.generator)
+                other = photometric_view(other, self.semi.strong, self.generator)
         box = cutmix_boxes(own.shape[0], own.shape[-2:], self.generator, self.semi.cutmix_prob)
         box = box.to(own.device)
         return box, mix(box, other, own)
