@@ -145,7 +145,7 @@ def warmup(
 def adapt(
     checkpoint: Annotated[Path, typer.Option(help="The warmed-up model.pt to start from.")],
     method: Annotated[
-        str | None, typer.Option(help="none, cpsl, ipixmatch (more land with their issues).")
+        str | None, typer.Option(help="none, cpsl, distill, ipixmatch (more to come).")
     ] = None,
     source: Annotated[str | None, typer.Option(help="Labelled source data, KIND:PATH.")] = None,
     target: Annotated[str | None, typer.Option(help="Target data, KIND:PATH.")] = None,
@@ -185,6 +185,53 @@ def adapt(
     }  # fmt: skip
     cfg = load_config(stage.AdaptConfig, config, _overrides(set_, named))
     stage.run(cfg, checkpoint, out)
+
+
+@app.command()
+@user_errors
+def distill(
+    teacher: Annotated[Path, typer.Option(help="The adapted model.pt: round 1's teacher.")],
+    source: Annotated[str | None, typer.Option(help="Labelled source data, KIND:PATH.")] = None,
+    target: Annotated[
+        str | None, typer.Option(help="Target images, KIND:PATH (labels not trained on).")
+    ] = None,
+    val: ValOpt = None,
+    rounds: Annotated[int | None, typer.Option(help="Distillation rounds (default: 2).")] = None,
+    student_init: Annotated[
+        str | None,
+        typer.Option(
+            help="The student: pretrained (timm), scratch, weights:FILE (backbone) or "
+            "checkpoint:FILE (default: pretrained)."
+        ),
+    ] = None,
+    threshold: Annotated[
+        float | None, typer.Option(help="Ignore pseudo labels below this confidence (0.95).")
+    ] = None,
+    out: OutOpt = Path("runs/distill"),
+    iterations: Annotated[int | None, typer.Option(help="Training iterations per round.")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="Images per batch and stream.")] = None,
+    lr: LrOpt = None,
+    config: ConfigOpt = None,
+    device: DeviceOpt = "auto",
+    seed: SeedOpt = None,
+    set_: SetOpt = None,
+) -> None:
+    """Self-distillation rounds into a fresh student (CPSL+distill, ProDA); resumable.
+
+    Example: pixcli distill --teacher runs/adapt-cpsl/model.pt --source
+    gta5:runs/bench/source --target cityscapes:runs/bench/target --val
+    cityscapes:runs/bench/target --rounds 2 --out runs/distill
+    """
+    from stages import distill as stage
+
+    named = {
+        "source": source, "target": target, "val": val, "rounds": rounds,
+        "student_init": student_init, "distill.threshold": threshold,
+        "loop.iterations": iterations, "batch_size": batch_size, "optim.lr": lr,
+        "device": device, "seed": seed,
+    }  # fmt: skip
+    cfg = load_config(stage.DistillConfig, config, _overrides(set_, named))
+    stage.run(cfg, teacher, out)
 
 
 @app.command("eval")

@@ -100,3 +100,22 @@ def markdown_table(columns: Sequence[str], rows: Sequence[Sequence[str]]) -> str
         return "| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |"
 
     return "\n".join([line(columns), line(["---"] * len(columns)), *map(line, rows)])
+
+
+def distill_table(rounds: Sequence[dict], title: str) -> Table:
+    """One row per distillation round (the round manifests' results of ``pixcli distill``)."""
+    table = Table(title=title)
+    for col in ("round", "teacher mIoU", "pseudo mIoU", "confident %", "student mIoU", "gain"):
+        table.add_column(col, justify="right")
+    for r in rounds:
+        teacher, student = r["teacher_mIoU"], r["student_mIoU"]
+        gain = None if teacher is None or student is None else student - teacher
+        table.add_row(
+            str(r["round"]),
+            _fmt(teacher),
+            _fmt(r["pseudo_mIoU"]),
+            _fmt(100 * r["pseudo_confident"]),
+            _fmt(student),
+            "-" if gain is None else f"{gain:+.1f}",
+        )
+    return table

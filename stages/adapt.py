@@ -32,6 +32,7 @@ from pixcli.engine.semi_step import UniMatchConfig, UniMatchStep
 from pixcli.engine.trainer import LoopConfig, TrainLoop
 from pixcli.errors import UserError
 from pixcli.losses.cpsl import CPSLConfig
+from pixcli.losses.distillation import KDConfig
 from pixcli.losses.ipixmatch import IPixMatchConfig
 from pixcli.methods import METHODS, MethodSetup
 from stages.common import Timer, load_model_for, open_labelled, prepare_out_dir
@@ -67,6 +68,7 @@ class AdaptConfig:
     eval: InferenceConfig = field(default_factory=InferenceConfig)
     cpsl: CPSLConfig = field(default_factory=CPSLConfig)  # [cpsl] section, --method cpsl
     ipixmatch: IPixMatchConfig = field(default_factory=IPixMatchConfig)  # --method ipixmatch
+    distill: KDConfig = field(default_factory=KDConfig)  # [distill], --method distill
 
 
 def split_labelled(

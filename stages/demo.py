@@ -1,8 +1,9 @@
 """``pixcli demo``: every stage on the built-in benchmark, one table at the end.
 
 The chain: make-benchmark -> warmup (source-only) -> warmup on target labels (the oracle)
--> pseudolabel (from the source-only model) -> adapt with each method -> eval of every model
-on target val. Each step is an ordinary stage writing into its own directory under ``OUT``,
+-> pseudolabel (from the source-only model) -> adapt with each method -> distill of the cpsl
+model (``distill_rounds``, when cpsl is among the methods) -> eval of every model on target
+val. Each step is an ordinary stage writing into its own directory under ``OUT``,
 so an interrupted demo resumes where it stopped and a finished one only prints its table.
 """
 
@@ -23,7 +24,7 @@ from pixcli.errors import UserError
 from pixcli.methods import METHODS
 from pixcli.models import SegmentorConfig
 from pixcli.reporting import comparison_table, print_table
-from stages import adapt, make_benchmark, pseudolabel, warmup
+from stages import adapt, distill, make_benchmark, pseudolabel, warmup
 from stages import eval as eval_stage
 
 
@@ -51,6 +52,19 @@ def demo_adapt() -> adapt.AdaptConfig:
     )
 
 
+def demo_distill() -> distill.DistillConfig:
+    """The CPU demo's distillation recipe: the adaptation recipe, one round."""
+    base = demo_adapt()
+    return distill.DistillConfig(
+        rounds=1,
+        batch_size=base.batch_size,
+        num_workers=base.num_workers,
+        optim=base.optim,
+        loop=base.loop,
+        augment=base.augment,
+    )
+
+
 @dataclass
 class DemoConfig:
     seed: int = 0
@@ -60,6 +74,11 @@ class DemoConfig:
     benchmark: BenchmarkConfig = field(default_factory=BenchmarkConfig)
     warmup: warmup.WarmupConfig = field(default_factory=demo_warmup)
     adapt: adapt.AdaptConfig = field(default_factory=demo_adapt)
+    distill_rounds: int = 1  # rounds of `pixcli distill` from the cpsl model; 0 = none
+    # The student: "warmup" starts it from the source-only model (the CPU demo has no
+    # pretrained backbone); anything else is a --student-init value.
+    distill_student: str = "warmup"
+    distill: distill.DistillConfig = field(default_factory=demo_distill)
 
 
 def _benchmark(out: Path, cfg: BenchmarkConfig) -> None:
@@ -105,6 +124,16 @@ def run(cfg: DemoConfig, out: Path) -> dict:
         )  # fmt: skip
         adapt.run(acfg, models["warmup"], out / f"adapt-{method}")
         models[method] = out / f"adapt-{method}" / "model.pt"
+    if "cpsl" in models and cfg.distill_rounds > 0:
+        stage(f"distill cpsl ({cfg.distill_rounds} round(s))")
+        student = cfg.distill_student
+        dcfg = dataclasses.replace(
+            cfg.distill, source=source, target=target, rounds=cfg.distill_rounds,
+            student_init=f"checkpoint:{models['warmup']}" if student == "warmup" else student,
+            **common,
+        )  # fmt: skip
+        distill.run(dcfg, models["cpsl"], out / "distill-cpsl")
+        models["cpsl+distill"] = out / "distill-cpsl" / "model.pt"
     rows = []
     for name, path in models.items():
         ecfg = eval_stage.EvalConfig(data=target, device=cfg.device, seed=cfg.seed)

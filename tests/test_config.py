@@ -84,6 +84,7 @@ def test_examples_demo_toml_matches_the_demo_defaults():
         ("cpsl_synthia_to_cityscapes.toml", "adapt.AdaptConfig"),
         ("ipixmatch_cityscapes_init.toml", "warmup.WarmupConfig"),
         ("ipixmatch_cityscapes.toml", "adapt.AdaptConfig"),
+        ("cpsl_distill_gta5_to_cityscapes.toml", "distill.DistillConfig"),
     ],
 )
 def test_every_example_loads_into_its_stage_config(name: str, stage: str):
@@ -101,5 +102,6 @@ def test_every_example_file_is_covered_by_a_test():
         "demo.toml", "gta5_to_cityscapes_deeplabv2.toml", "cityscapes_eval.toml",
         "cpsl_gta5_to_cityscapes.toml", "cpsl_synthia_to_cityscapes.toml",
         "ipixmatch_cityscapes_init.toml", "ipixmatch_cityscapes.toml",
+        "cpsl_distill_gta5_to_cityscapes.toml",
     }  # fmt: skip
     assert {p.name for p in examples.glob("*.toml")} <= covered

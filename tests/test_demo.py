@@ -19,12 +19,16 @@ def test_tiny_demo_chains_every_stage_and_resumes(tmp_path: Path):
         loop=dataclasses.replace(warm.loop, iterations=2), augment=warm.augment,
     )  # fmt: skip
     adapt_cfg.cpsl.samples_per_image = 4
+    distill_cfg = dataclasses.replace(
+        demo.demo_distill(), batch_size=2, num_workers=0, optim=warm.optim,
+        loop=adapt_cfg.loop, augment=warm.augment,
+    )  # fmt: skip
     cfg = demo.DemoConfig(
         device="cpu", benchmark=TINY_BENCHMARK, warmup=warm, adapt=adapt_cfg,
-        methods=["none", "cpsl"],
+        methods=["none", "cpsl"], distill=distill_cfg,
     )  # fmt: skip
     summary = demo.run(cfg, tmp_path / "demo")
-    assert set(summary["mIoU"]) == {"warmup", "oracle", "none", "cpsl"}
+    assert set(summary["mIoU"]) == {"warmup", "oracle", "none", "cpsl", "cpsl+distill"}
     assert (tmp_path / "demo" / "pseudo" / "pseudo.h5").is_file()
     assert read_json(tmp_path / "demo" / "summary.json")["mIoU"] == summary["mIoU"]
     mtime = (tmp_path / "demo" / "adapt-cpsl" / "model.pt").stat().st_mtime_ns

@@ -4,8 +4,14 @@ from __future__ import annotations
 
 from pixcli.methods.base import Method, MethodSetup, StepContext
 from pixcli.methods.cpsl import CPSL
+from pixcli.methods.distill import Distill
 from pixcli.methods.ipixmatch import IPixMatch
 
-METHODS: dict[str, type[Method]] = {"none": Method, "cpsl": CPSL, "ipixmatch": IPixMatch}
+METHODS: dict[str, type[Method]] = {
+    "none": Method,
+    "cpsl": CPSL,
+    "distill": Distill,
+    "ipixmatch": IPixMatch,
+}
 
 __all__ = ["METHODS", "Method", "MethodSetup", "StepContext"]

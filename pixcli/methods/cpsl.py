@@ -32,7 +32,6 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from pixcli.data.taxonomy import IGNORE_INDEX
-from pixcli.data.training_set import geometry_from_tensor
 from pixcli.errors import UserError
 from pixcli.losses.cpsl import (
     CPSLConfig,
@@ -49,7 +48,7 @@ from pixcli.losses.cpsl import (
 from pixcli.losses.memory_bank import MemoryBank
 from pixcli.losses.self_training import ema_update
 from pixcli.methods.base import Method, MethodSetup, StepContext
-from pixcli.pseudo_labels import PseudoLabelFile
+from pixcli.methods.pseudo_file import PseudoSoftLabels
 
 
 class CPSL(Method):
@@ -60,16 +59,8 @@ class CPSL(Method):
         super().__init__(setup)
         self.cfg = cfg or CPSLConfig()
         self.head_lr_mult = self.cfg.head_lr / self.cfg.lr  # 5e-4 / 1e-4, Sec. 4.1
-        if setup.pseudo is None or setup.unlabelled is None:
-            raise UserError("--method cpsl needs --pseudo pseudo.h5 and unlabelled target data")
-        self.pseudo = PseudoLabelFile(setup.pseudo)
-        if list(self.pseudo.classes) != [str(c) for c in setup.unlabelled.taxonomy.classes]:
-            raise UserError(f"{setup.pseudo}: made for other classes than the target's")
-        names = [item[2] for item in setup.unlabelled.items]
-        missing = [n for n in names if n not in set(self.pseudo.names)]
-        if missing:
-            raise UserError(f"{setup.pseudo}: no pseudo label for target image '{missing[0]}'")
-        self.pseudo_index = [self.pseudo.index(n) for n in names]
+        self.soft_labels = PseudoSoftLabels(setup, self.name)
+        self.pseudo = self.soft_labels.file
         prototypes = torch.as_tensor(self.pseudo.prototypes, dtype=torch.float32)
         if prototypes.shape != (setup.num_classes, setup.feature_dim):
             raise UserError(
@@ -97,7 +88,7 @@ class CPSL(Method):
 
     def target_labels(self, ctx: StepContext) -> tuple[Tensor, Tensor]:
         assert ctx.teacher_output is not None and ctx.unlabelled_image is not None
-        p_st = self._soft_labels(ctx)
+        p_st = self.soft_labels.crops(ctx)  # P_ST cut to the training crops
         padded = p_st.sum(dim=1) == 0
         features = ctx.teacher_output.features
         p_sl = soft_cluster_assignment(self.momentum_head, features.float(), self.cfg.tau)
@@ -148,20 +139,6 @@ class CPSL(Method):
         ema_update(self.momentum_head, self.head, momentum)
 
     # -- pieces -----------------------------------------------------------------------
-    def _soft_labels(self, ctx: StepContext) -> Tensor:
-        """P_ST of each unlabelled image, cut to its training crop: (B, C, h, w)."""
-        assert ctx.unlabelled_index is not None and ctx.unlabelled_geometry is not None
-        maps = []
-        for index, row in zip(ctx.unlabelled_index, ctx.unlabelled_geometry, strict=True):
-            g = geometry_from_tensor(row)
-            j = self.pseudo_index[int(index)]
-            maps.append(
-                self.pseudo.soft_crop(
-                    j, g.resized, g.top, g.left, g.crop, g.flip, ctx.unlabelled_image.device
-                )
-            )
-        return torch.stack(maps)
-
     def _self_labeling(self, ctx: StepContext) -> Tensor:
         """L_SL over the batch's class-balanced samples and the memory bank."""
         assert ctx.teacher_output is not None
