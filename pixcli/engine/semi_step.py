@@ -97,9 +97,10 @@ class UniMatchStep(SelfTrainingStep):
         dev = self.runtime.device
         batch, partner_batch = next(self.unlabelled), next(self.unlabelled)
         weak = batch["image"].to(dev, non_blocking=True)
+        partner_weak = partner_batch["image"].to(dev, non_blocking=True)
         n = weak.shape[0]
         with torch.no_grad():
-            both = self.teacher(torch.cat([weak, partner_batch["image"].to(dev)]))
+            both = self.teacher(torch.cat([weak, partner_weak]))
         ctx.unlabelled_image = weak
         ctx.unlabelled_index = batch["index"]
         ctx.unlabelled_geometry = batch["geometry"]
@@ -108,7 +109,7 @@ class UniMatchStep(SelfTrainingStep):
             step=ctx.step,
             labelled_image=ctx.labelled_image,
             labelled_label=ctx.labelled_label,
-            unlabelled_image=partner_batch["image"].to(dev),
+            unlabelled_image=partner_weak,
             unlabelled_index=partner_batch["index"],
             unlabelled_geometry=partner_batch["geometry"],
             teacher_output=rows(both, slice(n, None)),
