@@ -145,7 +145,7 @@ def warmup(
 def adapt(
     checkpoint: Annotated[Path, typer.Option(help="The warmed-up model.pt to start from.")],
     method: Annotated[
-        str | None, typer.Option(help="none, cpsl, pgpc (more land with their issues).")
+        str | None, typer.Option(help="none, cpsl, pgpc, pixl, ipixmatch, distill.")
     ] = None,
     source: Annotated[str | None, typer.Option(help="Labelled source data, KIND:PATH.")] = None,
     target: Annotated[str | None, typer.Option(help="Target data, KIND:PATH.")] = None,

@@ -2,7 +2,9 @@
 
 Settings: ``uda`` (labelled source + unlabelled target), ``semi`` (a labelled part of the
 target + the rest unlabelled; ``--labeled-fraction`` or ``--labeled-list``), ``supervised``
-(labelled data only). Writes ``model.pt`` (the last student), ``best.pt`` (best on
+(labelled data only). The unlabelled step is DACS's (``pixcli.engine.self_training``) or,
+by default for ``semi``, UniMatch's (``pixcli.engine.semi_step``; ``self_training.consistency``
+chooses). Writes ``model.pt`` (the last student), ``best.pt`` (best on
 ``--val``), ``last.pt`` (resumable), ``train_log.jsonl``, ``manifest.json``, and for ``semi``
 ``labelled.txt`` / ``unlabelled.txt``.
 """
@@ -26,16 +28,19 @@ from pixcli.engine.inference import InferenceConfig
 from pixcli.engine.optim import OptimConfig, build_optimizer
 from pixcli.engine.runtime import setup_runtime, shutdown, unwrap, wrap_ddp
 from pixcli.engine.self_training import SelfTrainingConfig, SelfTrainingStep
+from pixcli.engine.semi_step import UniMatchConfig, UniMatchStep
 from pixcli.engine.trainer import LoopConfig, TrainLoop
 from pixcli.errors import UserError
 from pixcli.losses.cpsl import CPSLConfig
 from pixcli.losses.distillation import KDConfig
+from pixcli.losses.ipixmatch import IPixMatchConfig
 from pixcli.losses.pgpc import PGPCConfig
 from pixcli.losses.pixl import PiXLConfig
 from pixcli.methods import METHODS, MethodSetup
 from stages.common import Timer, load_model_for, open_labelled, prepare_out_dir
 
 SETTINGS = ("uda", "semi", "supervised")
+CONSISTENCY = ("auto", "dacs", "unimatch")
 
 
 @dataclass
@@ -61,8 +66,10 @@ class AdaptConfig:
     loop: LoopConfig = field(default_factory=LoopConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     self_training: SelfTrainingConfig = field(default_factory=SelfTrainingConfig)
+    unimatch: UniMatchConfig = field(default_factory=UniMatchConfig)  # the semi step's settings
     eval: InferenceConfig = field(default_factory=InferenceConfig)
     cpsl: CPSLConfig = field(default_factory=CPSLConfig)  # [cpsl] section, --method cpsl
+    ipixmatch: IPixMatchConfig = field(default_factory=IPixMatchConfig)  # --method ipixmatch
     distill: KDConfig = field(default_factory=KDConfig)  # [distill], --method distill
     pgpc: PGPCConfig = field(default_factory=PGPCConfig)  # [pgpc] section, --method pgpc
     pixl: PiXLConfig = field(default_factory=PiXLConfig)  # [pixl] section, --method pixl
@@ -120,11 +127,25 @@ def _streams(cfg: AdaptConfig, out: Path, is_main: bool) -> tuple[SegDataset, Se
     return source, open_dataset(cfg.target, cfg.target_split)
 
 
+def consistency(cfg: AdaptConfig) -> str:
+    """The unlabelled step: ``self_training.consistency``, where ``auto`` is UniMatch's for
+    ``--setting semi`` and DACS's otherwise."""
+    name = cfg.self_training.consistency
+    if name not in CONSISTENCY:
+        raise UserError(
+            f"self_training.consistency {name!r}: expected one of {', '.join(CONSISTENCY)}"
+        )
+    if name == "auto":
+        return "unimatch" if cfg.setting == "semi" else "dacs"
+    return name
+
+
 def run(cfg: AdaptConfig, checkpoint: Path, out: Path) -> dict:
     """Adapt the model in ``checkpoint``; see the module docstring."""
     if cfg.method not in METHODS:
         raise UserError(f"--method {cfg.method}: expected one of {', '.join(METHODS)}")
     method_cls = METHODS[cfg.method]
+    step_kind = consistency(cfg)
     if method_cls.needs_pseudo_file and not cfg.pseudo:
         raise UserError(f"--method {cfg.method} needs --pseudo pseudo.h5 (pixcli pseudolabel)")
     timer = Timer()
@@ -193,15 +214,19 @@ def run(cfg: AdaptConfig, checkpoint: Path, out: Path) -> dict:
             num_workers=cfg.num_workers,
         )  # fmt: skip
 
-    step = SelfTrainingStep(
+    args = (
         cfg.self_training, runtime, ddp_student, teacher, method, optimizer, scaler,
-        stream(labelled, 0), stream(unlabelled, 1) if unlabelled is not None else None,  # type: ignore[arg-type]
-        seed=cfg.seed + start,
+        stream(labelled, 0), stream(unlabelled, 1) if unlabelled is not None else None,
     )  # fmt: skip
+    if step_kind == "unimatch":
+        step = UniMatchStep(cfg.unimatch, *args, seed=cfg.seed + start)  # type: ignore[arg-type]
+    else:
+        step = SelfTrainingStep(*args, seed=cfg.seed + start)  # type: ignore[arg-type]
     result = loop.run(step)
     results = {
         "method": cfg.method,
         "setting": cfg.setting,
+        "consistency": step_kind,
         "iterations": result["step"],
         "val_last": result["last"],
         "val_best": result["best"],

@@ -82,6 +82,8 @@ def test_examples_demo_toml_matches_the_demo_defaults():
         ("cityscapes_eval.toml", "eval.EvalConfig"),
         ("cpsl_gta5_to_cityscapes.toml", "adapt.AdaptConfig"),
         ("cpsl_synthia_to_cityscapes.toml", "adapt.AdaptConfig"),
+        ("ipixmatch_cityscapes_init.toml", "warmup.WarmupConfig"),
+        ("ipixmatch_cityscapes.toml", "adapt.AdaptConfig"),
         ("cpsl_distill_gta5_to_cityscapes.toml", "distill.DistillConfig"),
         ("pgpc_gta5_to_cityscapes.toml", "adapt.AdaptConfig"),
         ("pixl_gta5_to_cityscapes.toml", "adapt.AdaptConfig"),
@@ -103,6 +105,7 @@ def test_every_example_file_is_covered_by_a_test():
     covered = {
         "demo.toml", "gta5_to_cityscapes_deeplabv2.toml", "cityscapes_eval.toml",
         "cpsl_gta5_to_cityscapes.toml", "cpsl_synthia_to_cityscapes.toml",
+        "ipixmatch_cityscapes_init.toml", "ipixmatch_cityscapes.toml",
         "cpsl_distill_gta5_to_cityscapes.toml",
         "pgpc_gta5_to_cityscapes.toml",
         "pixl_gta5_to_cityscapes.toml", "pixl_cityscapes_semi.toml",

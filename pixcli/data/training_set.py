@@ -83,6 +83,20 @@ def geometry_from_tensor(t: torch.Tensor) -> CropGeometry:
     return CropGeometry((v[0], v[1]), v[2], v[3], (v[4], v[5]), bool(v[6]))
 
 
+def inside_image(geometry: torch.Tensor) -> torch.Tensor:
+    """(B, 7) :func:`geometry_to_tensor` rows -> (B, h, w) bool, True where the crop shows the
+    image and False on the padding a crop larger than the rescaled image gets."""
+    masks = []
+    for row in geometry:
+        g = geometry_from_tensor(row)
+        rows = torch.arange(g.crop[0]) + g.top < g.resized[0]
+        cols = torch.arange(g.crop[1]) + g.left < g.resized[1]
+        if g.flip:
+            cols = cols.flip(0)
+        masks.append(rows[:, None] & cols[None, :])
+    return torch.stack(masks)
+
+
 def _sampler(
     dataset: Dataset, batch_size: int, shuffle: bool, generator: torch.Generator
 ) -> Iterable[int] | None:

@@ -13,7 +13,9 @@ One step (UDA; DAFormer/DACS as the baseline every paper measures against):
 6. EMA teacher update (momentum, optionally DAFormer's ramp), then the method's
    ``after_step``.
 
-With no unlabelled stream (``--setting supervised``) steps 2-4 are skipped.
+With no unlabelled stream (``--setting supervised``) steps 2-4 are skipped. The
+semi-supervised setting uses UniMatch's step instead (``pixcli.engine.semi_step``), a
+subclass that replaces steps 2-4.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from pixcli.data.mixing import classmix_masks, mix, strong_view
+from pixcli.data.training_set import inside_image
 from pixcli.engine.runtime import Runtime, unwrap
 from pixcli.losses.self_training import (
     ema_momentum,
@@ -33,7 +36,7 @@ from pixcli.losses.self_training import (
     pseudo_labels_and_weights,
     weighted_cross_entropy,
 )
-from pixcli.methods.base import Method, StepContext
+from pixcli.methods.base import Method, StepContext, StrongView
 
 
 @dataclass
@@ -47,6 +50,7 @@ class SelfTrainingConfig:
     strong_jitter: float = 0.2  # DACS colour jitter strength
     strong_blur_prob: float = 0.5  # DACS blur probability
     unlabelled_weight: float = 1.0  # weight of the unlabelled (mixed) CE term
+    consistency: str = "auto"  # dacs | unimatch (semi_step); auto: unimatch for --setting semi
 
 
 def full_size(logits: Tensor, like: Tensor) -> Tensor:
@@ -79,6 +83,7 @@ class SelfTrainingStep:
         self.labelled = labelled
         self.unlabelled = unlabelled
         self.generator = torch.Generator().manual_seed(seed)
+        self.labelled_weight = 1.0  # of the labelled CE term
 
     def __call__(self, step: int) -> dict[str, float]:
         dev = self.runtime.device
@@ -92,7 +97,7 @@ class SelfTrainingStep:
         losses: dict[str, Tensor] = {}
         with self.runtime.autocast():
             ctx.student_labelled = self.student(self.method.student_input(ctx.labelled_image))
-            losses["ce_labelled"] = F.cross_entropy(
+            losses["ce_labelled"] = self.labelled_weight * F.cross_entropy(
                 full_size(ctx.student_labelled.logits, ctx.labelled_image),
                 ctx.labelled_label,
                 ignore_index=255,
@@ -143,5 +148,11 @@ class SelfTrainingStep:
             )
         ctx.mixed_image, ctx.mixed_label, ctx.mixed_weight = image, labels, weights
         ctx.student_unlabelled = self.student(self.method.student_input(ctx.mixed_image))
+        n = image.shape[0]
+        valid = inside_image(ctx.unlabelled_geometry[:n]).to(image.device)
+        if ctx.mix_mask is not None:
+            valid &= ctx.mix_mask[:, 0] < 0.5
+        view = StrongView(image, ctx.teacher_logits[:n], valid, ctx.student_unlabelled)
+        ctx.strong_views = [view]
         logits = full_size(ctx.student_unlabelled.logits, ctx.mixed_image)
         return weighted_cross_entropy(logits, labels, weights)

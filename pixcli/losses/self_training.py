@@ -6,6 +6,7 @@
   per-pixel mask.
 - The target loss is the pixel-wise cross-entropy weighted by that map (Eq. 4 of DAFormer),
   averaged over all pixels that are not ignored.
+- The semi-supervised step (UniMatch) masks per pixel instead: ``confident_pseudo_labels``.
 """
 
 from __future__ import annotations
@@ -23,6 +24,22 @@ def pseudo_labels_and_weights(probs: Tensor, threshold: float = 0.968) -> tuple[
     confidence, labels = probs.max(dim=1)
     fraction = (confidence > threshold).float().mean(dim=(1, 2), keepdim=True)
     return labels, fraction.expand_as(confidence).clone()
+
+
+def confident_pseudo_labels(
+    probs: Tensor, threshold: float = 0.95, valid: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
+    """FixMatch/UniMatch pseudo labels: (B, C, H, W) teacher probabilities -> hard labels
+    (B, H, W), IGNORE_INDEX where ``valid`` is False (padding), and a per-pixel 0/1 weight,
+    1 where the maximum probability is >= ``threshold`` (UniMatch's ``conf >= conf_thresh``).
+
+    With :func:`weighted_cross_entropy` this is UniMatch's unlabelled loss: the CE of the
+    confident pixels summed over all valid pixels' count.
+    """
+    confidence, labels = probs.max(dim=1)
+    if valid is not None:
+        labels = labels.masked_fill(~valid, IGNORE_INDEX)
+    return labels, (confidence >= threshold).float()
 
 
 def weighted_cross_entropy(logits: Tensor, labels: Tensor, weights: Tensor) -> Tensor:

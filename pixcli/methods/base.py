@@ -41,12 +41,29 @@ class MethodSetup:
 
 
 @dataclass
+class StrongView:
+    """One student input made from the unlabelled batch, with the teacher's word on it.
+
+    ``teacher_logits`` are the teacher's weak-view logits at the input resolution, mixed the
+    way ``image`` was (CutMix pastes the partner image's logits too); ``valid`` marks the
+    pixels that have them (not padding, not pixels pasted from a labelled image).
+    """
+
+    image: Tensor  # (B, 3, H, W) the student's input: mixed, strong
+    teacher_logits: Tensor  # (B, C, H, W)
+    valid: Tensor  # (B, H, W) bool
+    student: SegOutput  # the student on ``image``
+
+
+@dataclass
 class StepContext:
     """One step's tensors, at the input resolution unless said otherwise.
 
     ``student_*`` outputs are at the model's output stride (``SegOutput``), on the method's
     ``student_input`` of the crop (the crop itself by default). ``mix_mask`` is 1 where the
-    mixed image shows the labelled image (None without mixing).
+    mixed image shows another image than the unlabelled one: the labelled image (DACS's
+    ClassMix) or the partner unlabelled image (UniMatch's CutMix, first strong view); None
+    without mixing.
     """
 
     step: int
@@ -65,6 +82,8 @@ class StepContext:
     mixed_weight: Tensor | None = None  # (B, H, W) their weights
     student_labelled: SegOutput | None = None
     student_unlabelled: SegOutput | None = None
+    strong_views: list[StrongView] = field(default_factory=list)  # every student input made
+    # from the unlabelled batch (DACS: one; UniMatch: one or two; student_unlabelled = first)
     extras: dict = field(default_factory=dict)  # floats to log
     scratch: dict = field(default_factory=dict)  # a method's tensors between its hooks
     student: nn.Module | None = None  # the student as the loop calls it (DDP-wrapped), for

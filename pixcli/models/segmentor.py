@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from pixcli.errors import UserError
@@ -124,8 +125,14 @@ class Segmentor(nn.Module):
         )
         self.output_stride: int = self.decoder.output_stride
 
-    def forward(self, x: Tensor) -> SegOutput:
-        features = self.decoder(self.backbone(x))
+    def forward(self, x: Tensor, feature_dropout: float = 0.0) -> SegOutput:
+        """``feature_dropout`` > 0 perturbs the features: channel dropout at that rate on every
+        backbone stage before the decode head, in train and eval mode alike (UniMatch's
+        feature perturbation, ``nn.Dropout2d(0.5)`` on the encoder features)."""
+        feats = self.backbone(x)
+        if feature_dropout > 0:
+            feats = [F.dropout2d(f, feature_dropout) for f in feats]
+        features = self.decoder(feats)
         proj = self.projector(features) if self.projector is not None else None
         return SegOutput(logits=self.classifier(features), features=features, proj=proj)
 
