@@ -36,7 +36,7 @@ from pixcli.losses.distillation import KDConfig
 from pixcli.losses.ipixmatch import IPixMatchConfig
 from pixcli.losses.pgpc import PGPCConfig
 from pixcli.losses.pixl import PiXLConfig
-from pixcli.methods import METHODS, MethodSetup
+from pixcli.methods import METHODS, Method, MethodSetup
 from stages.common import Timer, load_model_for, open_labelled, prepare_out_dir
 
 SETTINGS = ("uda", "semi", "supervised")
@@ -127,16 +127,23 @@ def _streams(cfg: AdaptConfig, out: Path, is_main: bool) -> tuple[SegDataset, Se
     return source, open_dataset(cfg.target, cfg.target_split)
 
 
-def consistency(cfg: AdaptConfig) -> str:
+def consistency(cfg: AdaptConfig, method_cls: type[Method] = Method) -> str:
     """The unlabelled step: ``self_training.consistency``, where ``auto`` is UniMatch's for
-    ``--setting semi`` and DACS's otherwise."""
+    ``--setting semi`` and DACS's otherwise, among the steps the method works with
+    (``Method.steps``; PiXL, for one, only DACS's)."""
     name = cfg.self_training.consistency
     if name not in CONSISTENCY:
         raise UserError(
             f"self_training.consistency {name!r}: expected one of {', '.join(CONSISTENCY)}"
         )
     if name == "auto":
-        return "unimatch" if cfg.setting == "semi" else "dacs"
+        name = "unimatch" if cfg.setting == "semi" else "dacs"
+        return name if name in method_cls.steps else method_cls.steps[0]
+    if name not in method_cls.steps:
+        raise UserError(
+            f"--method {cfg.method} works with self_training.consistency "
+            f"{' or '.join(method_cls.steps)}, not {name!r}"
+        )
     return name
 
 
@@ -145,7 +152,7 @@ def run(cfg: AdaptConfig, checkpoint: Path, out: Path) -> dict:
     if cfg.method not in METHODS:
         raise UserError(f"--method {cfg.method}: expected one of {', '.join(METHODS)}")
     method_cls = METHODS[cfg.method]
-    step_kind = consistency(cfg)
+    step_kind = consistency(cfg, method_cls)
     if method_cls.needs_pseudo_file and not cfg.pseudo:
         raise UserError(f"--method {cfg.method} needs --pseudo pseudo.h5 (pixcli pseudolabel)")
     timer = Timer()

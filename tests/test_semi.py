@@ -40,6 +40,7 @@ from pixcli.engine.semi_step import UniMatchConfig, UniMatchStep
 from pixcli.errors import UserError
 from pixcli.losses.self_training import confident_pseudo_labels, weighted_cross_entropy
 from pixcli.methods import Method, MethodSetup, StepContext
+from pixcli.methods.pixl import PiXL
 from pixcli.models import SegmentorConfig, build_segmentor
 from pixcli.models.segmentor import SegOutput
 from stages import adapt
@@ -289,6 +290,15 @@ def test_consistency_follows_the_setting_unless_chosen(tiny_bench: Path, init: P
     cfg.self_training.consistency = "fixmatch"
     with pytest.raises(UserError, match="self_training.consistency 'fixmatch'"):
         adapt.run(cfg, init, Path("/nonexistent/never-written"))
+
+
+def test_pixl_keeps_the_dacs_step_in_semi(tiny_bench: Path):
+    cfg = _semi(tiny_bench)
+    cfg.method = "pixl"
+    assert adapt.consistency(cfg, PiXL) == "dacs"
+    cfg.self_training.consistency = "unimatch"
+    with pytest.raises(UserError, match="--method pixl works with self_training.consistency dacs"):
+        adapt.consistency(cfg, PiXL)
 
 
 @pytest.mark.slow

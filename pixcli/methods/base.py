@@ -96,6 +96,7 @@ class Method(nn.Module):
     name = "none"
     needs_pseudo_file = False
     head_lr_mult = 1.0  # lr of the method's own parameters, relative to the backbone lr
+    steps: tuple[str, ...] = ("dacs", "unimatch")  # unlabelled steps it works with, preferred first
 
     def __init__(self, setup: MethodSetup) -> None:
         super().__init__()

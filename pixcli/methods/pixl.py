@@ -133,6 +133,7 @@ def crop_windows(x: Tensor, boxes: list[tuple[int, int]], size: tuple[int, int])
 
 class PiXL(Method):
     name = "pixl"
+    steps = ("dacs",)  # ClassMix between the two images of a step (A.4.1), semi included
 
     def __init__(self, setup: MethodSetup, cfg: PiXLConfig | None = None) -> None:
         super().__init__(setup)
