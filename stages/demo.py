@@ -33,9 +33,9 @@ def demo_warmup() -> warmup.WarmupConfig:
     return warmup.WarmupConfig(
         batch_size=8,
         num_workers=1,
-        model=SegmentorConfig(backbone="resnet18", head="deeplabv2", output_stride=16),
-        optim=OptimConfig(name="sgd", lr=0.01, head_lr_mult=1.0, weight_decay=1e-4),
-        loop=LoopConfig(iterations=600, log_every=20, eval_every=0, checkpoint_every=200),
+        model=SegmentorConfig(backbone="resnet18", head="deeplabv3plus", output_stride=16),
+        optim=OptimConfig(name="adamw", lr=1e-3, head_lr_mult=1.0, weight_decay=0.01),
+        loop=LoopConfig(iterations=400, log_every=20, eval_every=0, checkpoint_every=100),
         augment=AugmentConfig(crop_size=(128, 128), scale_range=(0.75, 1.5), flip=True),
     )
 
@@ -46,7 +46,7 @@ def demo_adapt() -> adapt.AdaptConfig:
     return adapt.AdaptConfig(
         batch_size=4,
         num_workers=1,
-        optim=dataclasses.replace(base.optim, lr=0.005),
+        optim=OptimConfig(name="sgd", lr=0.005, head_lr_mult=1.0, weight_decay=1e-4),
         loop=LoopConfig(iterations=300, log_every=20, eval_every=0, checkpoint_every=100),
         augment=base.augment,
     )

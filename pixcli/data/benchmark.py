@@ -112,7 +112,7 @@ SYNTHETIC = Domain(
     "synthetic",
     Geometry(
         horizon=(0.38, 0.50), road=(0.45, 0.65), sidewalk=(0.22, 0.34), facade=(0.25, 0.6),
-        n_cars=(1, 4), parked=0.2, car_size=0.32, n_persons=(1, 5), person_size=0.5,
+        n_cars=(1, 4), parked=0.2, car_size=0.32, n_persons=(1, 5), person_size=0.55,
         n_poles=(2, 5), n_trees=(1, 4), terrain=0.5, hood=0.0,
     ),
     Appearance(
@@ -137,21 +137,25 @@ REAL = Domain(
     "real",
     Geometry(
         horizon=(0.30, 0.42), road=(0.35, 0.5), sidewalk=(0.16, 0.28), facade=(0.35, 0.8),
-        n_cars=(2, 6), parked=0.6, car_size=0.26, n_persons=(2, 6), person_size=0.45,
+        n_cars=(2, 6), parked=0.6, car_size=0.26, n_persons=(2, 6), person_size=0.5,
         n_poles=(3, 6), n_trees=(2, 6), terrain=0.35, hood=0.08,
     ),
     Appearance(
         colours={
-            ROAD: ((115, 108, 105),), SIDEWALK: ((150, 140, 145),),
-            BUILDING: ((130, 120, 110), (160, 150, 135), (100, 100, 108), (175, 165, 155)),
-            POLE: ((95, 95, 100),), LIGHT: ((55, 55, 40),), SIGN: ((30, 75, 165), (200, 45, 45)),
-            VEGETATION: ((75, 115, 50), (60, 95, 55)), TERRAIN: ((145, 150, 95),),
-            SKY: ((170, 195, 225), (190, 205, 220)),
-            PERSON: ((40, 40, 45), (90, 80, 70), (60, 70, 100), (150, 140, 130)),
-            CAR: ((60, 60, 65), (150, 150, 155), (210, 210, 210), (30, 40, 70), (100, 30, 30)),
+            ROAD: ((105, 100, 102),), SIDEWALK: ((165, 150, 150),),
+            BUILDING: ((130, 120, 110), (160, 150, 135), (100, 100, 108), (175, 165, 155),
+                       (165, 125, 100)),
+            POLE: ((95, 95, 100),), LIGHT: ((55, 55, 40),),
+            SIGN: ((30, 75, 165), (200, 45, 45), (220, 185, 45)),
+            VEGETATION: ((70, 130, 50), (55, 110, 60)), TERRAIN: ((120, 140, 70),),
+            SKY: ((150, 185, 230), (180, 200, 220)),
+            PERSON: ((40, 40, 45), (90, 80, 70), (60, 70, 100), (150, 140, 130), (190, 55, 55),
+                     (50, 90, 170), (200, 170, 60)),
+            CAR: ((60, 60, 65), (150, 150, 155), (210, 210, 210), (30, 40, 70), (100, 30, 30),
+                  (160, 40, 40), (40, 70, 150)),
         },
-        jitter=14.0, texture=0.6, windows=(8, -40.0), shading=0.3, brightness=(0.75, 1.1),
-        cast=0.08, shadows=(1, 3), noise=4.0, blur=0.6,
+        jitter=8.0, texture=0.4, windows=(8, -40.0), shading=0.3, brightness=(0.8, 1.1),
+        cast=0.08, shadows=(0, 1), noise=4.0, blur=0.6,
     ),
 )  # fmt: skip
 
@@ -272,7 +276,7 @@ def _draw_pole(s: _Scene, g: _Ground, x: float, y: float, geo: Geometry) -> None
     """A pole carrying a traffic sign, a traffic light (with a lit lamp) or nothing."""
     d = g.depth(y)
     top = y - s.rng.uniform(0.45, 0.7) * s.h * d
-    pw = max(2.0, 0.02 * s.w * d)
+    pw = max(2.5, 0.025 * s.w * d)
     s.paint("rectangle", [x - pw / 2, top, x + pw / 2, y], POLE, s.instance(POLE))
     kind = s.rng.random()
     if kind < 0.45:
@@ -280,7 +284,7 @@ def _draw_pole(s: _Scene, g: _Ground, x: float, y: float, geo: Geometry) -> None
         shape = "ellipse" if s.rng.random() < 0.5 else "rectangle"
         s.paint(shape, [x - r, top, x + r, top + 2 * r], SIGN, s.instance(SIGN))
     elif kind < 0.85:
-        lw, lh = max(2.5, 0.04 * s.h * d), max(6.0, 0.14 * s.h * d)
+        lw, lh = max(3.0, 0.05 * s.h * d), max(7.0, 0.16 * s.h * d)
         s.paint("rectangle", [x - lw, top, x + lw, top + lh], LIGHT, s.instance(LIGHT))
         lamp = s.instance(LIGHT, LAMPS[int(s.rng.integers(len(LAMPS)))])
         xy = [x - 0.6 * lw, top + 0.1 * lh, x + 0.6 * lw, top + 0.35 * lh]
@@ -292,7 +296,7 @@ def _draw_person(s: _Scene, g: _Ground, x: float, y: float, geo: Geometry) -> No
     hgt = geo.person_size * s.h * g.depth(y) * s.rng.uniform(0.8, 1.1)
     if hgt < 6:
         return
-    w = 0.28 * hgt
+    w = 0.3 * hgt
     legs, body = s.instance(PERSON), s.instance(PERSON)
     s.paint("rectangle", [x - w / 2, y - 0.5 * hgt, x + w / 2, y], PERSON, legs)
     s.paint("rectangle", [x - w / 2, y - 0.85 * hgt, x + w / 2, y - 0.45 * hgt], PERSON, body)
