@@ -21,6 +21,7 @@ from pixcli.engine.optim import OptimConfig
 from pixcli.engine.progress import console
 from pixcli.engine.trainer import LoopConfig
 from pixcli.errors import UserError
+from pixcli.losses.cpsl import CPSLConfig
 from pixcli.methods import METHODS
 from pixcli.models import SegmentorConfig
 from pixcli.reporting import comparison_table, print_table
@@ -49,6 +50,10 @@ def demo_adapt() -> adapt.AdaptConfig:
         optim=OptimConfig(name="sgd", lr=0.005, head_lr_mult=1.0, weight_decay=1e-4),
         loop=LoopConfig(iterations=300, log_every=20, eval_every=0, checkpoint_every=100),
         augment=base.augment,
+        # CPSL at the demo's lr (50x the paper's): lambda_2 = 0.1 keeps lr * lambda_2 at the
+        # paper's 5e-4 (see CPSLConfig.lambda_reg); a 16,384-row bank (the last 8 steps' samples,
+        # the paper's 65,536 is 128 images) keeps Sinkhorn cheap on the CPU.
+        cpsl=CPSLConfig(lambda_reg=0.1, memory_length=16_384),
     )
 
 

@@ -51,7 +51,13 @@ class CPSLConfig:
     """
 
     lambda_sl: float = 0.1  # lambda_1 of Eq. 14, Sec. 4.1 (Table 6)
-    lambda_reg: float = 5.0  # lambda_2 of Eq. 14, Sec. 4.1 (Table 7)
+    # lambda_2 of Eq. 14, Sec. 4.1 (Table 7: 1-30 all work) -- at the paper's lr of 1e-4. Per
+    # unit weight, L_REG's gradient is larger than the cross-entropy's (about 1.7x in norm on the
+    # demo model at the start of adaptation, 8.4x at weight 5); with a larger lr scale lambda_2
+    # down so that lr * lambda_2 stays near the paper's 5e-4: on the built-in benchmark, lr 5e-3
+    # with lambda_2 = 5 took the source CE from 0.14 to 2.1 in 20 steps (target-val mIoU 39.6 ->
+    # 5.7), lr 1e-3 to 29.8; the demo uses lr 5e-3 and lambda_2 = 0.1.
+    lambda_reg: float = 5.0
     tau: float = 0.08  # temperature of Eq. 4 and of P_SL, Sec. 4.1 (Table 8)
     epsilon: float = 0.05  # Sinkhorn temperature of Eq. 6, Sec. 4.1
     memory_length: int = 65_536  # memory bank rows, Sec. 3.2 and 4.1
