@@ -347,3 +347,21 @@ def test_two_processes_evaluate_to_the_same_metrics_as_one(tiny_bench: Path, tmp
     names = sorted(p.name for p in (tmp_path / "one" / "predictions").rglob("*.png"))
     assert len(names) == 3
     assert sorted(p.name for p in (tmp_path / "two" / "predictions").rglob("*.png")) == names
+
+
+@pytest.mark.slow
+def test_distill_runs_its_rounds_under_torchrun(tiny_bench: Path, tmp_path: Path):
+    """distill runs pseudolabel, adapt and eval inside one process group: they must not
+    leave it (joining a new group after leaving one fails under torchrun)."""
+    cfg = tiny_warmup(tiny_bench, val=None)
+    cfg.loop.iterations = 1
+    warmup.run(cfg, tmp_path / "w")
+    _torchrun("-m", "pixcli", "distill", "--teacher", str(tmp_path / "w" / "model.pt"),
+              "--source", f"gta5:{tiny_bench / 'source'}", "--target",
+              f"cityscapes:{tiny_bench / 'target'}", "--val", f"cityscapes:{tiny_bench / 'target'}",
+              "--rounds", "2", "--iterations", "2", "--batch-size", "2", "--student-init",
+              "scratch", "--device", "cpu", "--set", "augment.crop_size=[32, 32]", "--set",
+              "num_workers=0", "--out", str(tmp_path / "d"))  # fmt: skip
+    manifest = read_json(tmp_path / "d" / "manifest.json")
+    assert [r["iterations"] for r in manifest["results"]["rounds"]] == [2, 2]
+    assert (tmp_path / "d" / "model.pt").is_file()
