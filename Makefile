@@ -1,6 +1,6 @@
 # make test: lint + the fast test suite.  make demo: the whole chain on the built-in benchmark.
 # make bench: every benchmark script, one table of figures (benchmarks/run_all.py).
-# Both create .venv and install pixcli into it when needed.
+# Each creates .venv and installs pixcli into it when needed.
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin

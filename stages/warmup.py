@@ -18,7 +18,14 @@ from pixcli.data.transforms import AugmentConfig
 from pixcli.engine.evaluation import evaluate_dataset
 from pixcli.engine.inference import InferenceConfig
 from pixcli.engine.optim import OptimConfig, build_optimizer
-from pixcli.engine.runtime import setup_runtime, shutdown, to_device, training_model, unwrap
+from pixcli.engine.runtime import (
+    setup_runtime,
+    shutdown,
+    to_device,
+    training_model,
+    unwrap,
+    wrap_ddp,
+)
 from pixcli.engine.trainer import LoopConfig, TrainLoop
 from pixcli.errors import UserError
 from pixcli.losses.adversarial import (
@@ -95,9 +102,11 @@ def run(cfg: WarmupConfig, out: Path) -> dict:
     optimizer = build_optimizer(model.param_groups(cfg.optim.lr, cfg.optim.head_lr_mult), cfg.optim)
     modules: dict[str, torch.nn.Module] = {"model": model}
     optimizers: dict[str, torch.optim.Optimizer] = {"model": optimizer}
-    disc = None
+    disc = ddp_disc = None
     if cfg.adversarial.enabled:
-        disc = OutputDiscriminator(taxonomy.num_classes, cfg.adversarial.ndf).to(runtime.device)
+        disc = to_device(OutputDiscriminator(taxonomy.num_classes, cfg.adversarial.ndf), runtime)
+        # its own DDP: the same start on every rank, gradients averaged in its update
+        ddp_disc = wrap_ddp(disc, runtime)
         modules["discriminator"] = disc
         optimizers["discriminator"] = torch.optim.Adam(
             [{"params": disc.parameters(), "lr": cfg.adversarial.lr}], betas=(0.9, 0.99)
@@ -144,7 +153,7 @@ def run(cfg: WarmupConfig, out: Path) -> dict:
         logs["loss_ce"] = loss.item()
         if disc is not None and tgt_iter is not None:
             t_image = next(tgt_iter)["image"].to(runtime.device, non_blocking=True)
-            disc.requires_grad_(False)
+            disc.requires_grad_(False)  # and called without DDP: no gradient for it here
             with runtime.autocast():
                 t_logits = _full_size(ddp_model(t_image).logits, t_image)
                 adv = generator_adversarial_loss(disc(softmax_map(t_logits)))
@@ -153,13 +162,14 @@ def run(cfg: WarmupConfig, out: Path) -> dict:
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.step(optimizer)
-        if disc is not None:
+        if disc is not None and ddp_disc is not None:
             disc.requires_grad_(True)
             d_opt = optimizers["discriminator"]
             d_opt.zero_grad(set_to_none=True)
             with runtime.autocast():
                 d_loss = discriminator_loss(
-                    disc(softmax_map(logits.detach())), disc(softmax_map(t_logits.detach()))
+                    ddp_disc(softmax_map(logits.detach())),
+                    ddp_disc(softmax_map(t_logits.detach())),
                 )
             scaler.scale(d_loss).backward()
             scaler.step(d_opt)
