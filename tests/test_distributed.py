@@ -370,3 +370,29 @@ def test_distill_runs_its_rounds_under_torchrun(tiny_bench: Path, tmp_path: Path
     manifest = read_json(tmp_path / "d" / "manifest.json")
     assert [r["iterations"] for r in manifest["results"]["rounds"]] == [2, 2]
     assert (tmp_path / "d" / "model.pt").is_file()
+
+
+def _average_worker(rank: int, init_file: str, out_dir: str) -> None:
+    torch.distributed.init_process_group("gloo", f"file://{init_file}", rank=rank, world_size=2)
+    a, b, c = (torch.nn.Parameter(torch.zeros(2, 3)) for _ in range(3))
+    frozen = torch.nn.Parameter(torch.zeros(2), requires_grad=False)
+    a.grad = torch.full((2, 3), rank + 1.0)  # 1 and 2: mean 1.5
+    if rank == 1:
+        b.grad = torch.full((2, 3), 4.0)  # on one rank only: mean with zeros, 2
+    frozen.grad = torch.full((2,), 7.0 + rank)  # not trained: left alone
+    rt.average_gradients([a, b, c, frozen], Runtime(device=CPU, rank=rank, world_size=2))
+    torch.save([a.grad, b.grad, c.grad, frozen.grad], f"{out_dir}/rank{rank}.pt")
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_average_gradients_over_two_gloo_processes(tmp_path: Path):
+    torch.multiprocessing.spawn(
+        _average_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True
+    )
+    for rank in (0, 1):
+        a, b, c, frozen = torch.load(tmp_path / f"rank{rank}.pt")
+        assert torch.equal(a, torch.full((2, 3), 1.5)) and torch.equal(b, torch.full((2, 3), 2.0))
+        assert c is None and torch.equal(frozen, torch.full((2,), 7.0 + rank))
+    rt.average_gradients([torch.nn.Parameter(torch.ones(1))], _runtime("cpu", 1))  # no group

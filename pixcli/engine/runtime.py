@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import random
+from collections.abc import Iterable
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from typing import TypeVar
@@ -158,6 +159,30 @@ def wrap_ddp(model: nn.Module, runtime: Runtime) -> nn.Module:
         return model
     ids = [runtime.device.index] if runtime.device.type == "cuda" else None
     return nn.parallel.DistributedDataParallel(model, device_ids=ids)
+
+
+def average_gradients(params: Iterable[nn.Parameter], runtime: Runtime) -> None:
+    """Average the gradients of ``params`` over the ranks, as DDP does for the model it
+    wraps: for trained parameters outside it (e.g. a method's own head). Call it on every
+    rank with the same parameters, after the backward pass and before the optimiser (and
+    its loss scaler) looks at them. A parameter with no gradient on any rank keeps none;
+    one with a gradient on some ranks only gets the mean with zeros for the others."""
+    if not runtime.distributed:
+        return
+    trained = [p for p in params if p.requires_grad]
+    if not trained:
+        return
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in trained]
+    has = torch.tensor([float(p.grad is not None) for p in trained], device=trained[0].device)
+    flat = torch.cat([g.reshape(-1).float() for g in grads] + [has])
+    dist.all_reduce(flat)
+    flat[: -len(trained)] /= runtime.world_size
+    offset = 0
+    for p, g, any_grad in zip(trained, grads, flat[-len(trained) :].tolist(), strict=True):
+        n = g.numel()
+        if any_grad > 0:
+            p.grad = flat[offset : offset + n].view_as(g).to(g.dtype, copy=True)
+        offset += n
 
 
 def compile_model(model: nn.Module, enabled: bool) -> nn.Module:
