@@ -1,5 +1,6 @@
 # make test: lint + the fast test suite.  make demo: the whole chain on the built-in benchmark.
-# Both create .venv and install pixcli into it when needed.
+# make bench: every benchmark script, one table of figures (benchmarks/run_all.py).
+# Each creates .venv and installs pixcli into it when needed.
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -28,7 +29,7 @@ demo: $(STAMP)
 	$(BIN)/pixcli demo --out runs/demo
 
 bench: $(STAMP)
-	for b in warmup_eval_bench pseudolabel_bench embed_report_bench; do $(BIN)/python benchmarks/$$b.py || exit 1; done
+	$(BIN)/python benchmarks/run_all.py
 
 clean:
 	rm -rf runs .pytest_cache .ruff_cache

@@ -1,7 +1,9 @@
-"""Small helpers shared by the benchmark scripts: timing, peak memory, tables."""
+"""Small helpers shared by the benchmark scripts: timing, peak memory, tables, options."""
 
 from __future__ import annotations
 
+import argparse
+import json
 import resource
 import sys
 import time
@@ -38,3 +40,34 @@ def print_rows(title: str, columns: list[str], rows: list[list[object]]) -> None
     for row in rows:
         table.add_row(*(f"{v:.3g}" if isinstance(v, float) else str(v) for v in row))
     Console(file=sys.stdout).print(table)
+
+
+Rows = list[list[object]]
+
+
+def table(title: str, columns: list[str], rows: Rows) -> dict:
+    """One table of figures, as ``report`` prints it and ``run_all.py`` reads it."""
+    return {"title": title, "columns": columns, "rows": rows}
+
+
+def report(tables: list[dict], as_json: bool) -> None:
+    """Print ``tables``; with ``as_json`` as one JSON line ``{"tables": [...]}`` instead (the
+    last line of the output, which ``run_all.py`` parses)."""
+    if as_json:
+        print(json.dumps({"tables": tables}, default=str))
+        return
+    for t in tables:
+        print_rows(t["title"], t["columns"], t["rows"])
+
+
+def add_common_options(parser: argparse.ArgumentParser) -> None:
+    """``--json`` and ``--quick``, which every benchmark script takes."""
+    parser.add_argument("--json", action="store_true", help="print one JSON line of tables")
+    parser.add_argument(
+        "--quick", action="store_true", help="tiny sizes: checks the script runs, measures nothing"
+    )
+
+
+def last_json_line(stdout: str) -> dict:
+    """The JSON object on the last line of a child process's output."""
+    return json.loads(stdout.strip().splitlines()[-1])

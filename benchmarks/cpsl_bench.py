@@ -2,6 +2,7 @@
 
     python benchmarks/cpsl_bench.py                 # demo setting, 30 timed iterations
     python benchmarks/cpsl_bench.py --iterations 60
+    python benchmarks/cpsl_bench.py --quick --json  # tiny sizes: checks it runs
 
 1. Sinkhorn-Knopp on 65,792 x 19 scores (512 current samples + a full 65,536-row memory bank,
    CPSL Sec. 4.1), epsilon 0.05, clustered cosine scores and a Cityscapes-like marginal: the
@@ -32,12 +33,12 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import peak_rss_mb, print_rows, timed  # noqa: E402
+from benchmarks.common import add_common_options, peak_rss_mb, report, table, timed  # noqa: E402
 from pixcli.artifacts import save_checkpoint  # noqa: E402
 from pixcli.data.benchmark import BenchmarkConfig, make_benchmark  # noqa: E402
 from pixcli.data.taxonomy import CITYSCAPES  # noqa: E402
 from pixcli.losses.sinkhorn import sinkhorn  # noqa: E402
-from pixcli.models import build_segmentor  # noqa: E402
+from pixcli.models import SegmentorConfig, build_segmentor  # noqa: E402
 
 TIMES: dict[str, float] = defaultdict(float)
 
@@ -58,14 +59,14 @@ def cityscapes_like_marginal(classes: int) -> torch.Tensor:
     return r / r.sum()
 
 
-def sinkhorn_rows(reps: int) -> list[list[Any]]:
-    scores = clustered_scores(65_792, 19)
+def sinkhorn_rows(reps: int, rows_n: int = 65_792) -> list[list[Any]]:
+    scores = clustered_scores(rows_n, 19)
     r = cityscapes_like_marginal(19)
     rows = []
     for label, max_it, tol in (("published: 3 iterations", 3, None), ("pixcli default", 100, 1e-4)):
         result = sinkhorn(scores, 0.05, r, None, max_it, tol)
         sec = timed(lambda m=max_it, t=tol: sinkhorn(scores, 0.05, r, None, m, t), reps)
-        rows.append([f"Sinkhorn 65,792 x 19, {label}", f"{1000 * sec:.0f} ms",
+        rows.append([f"Sinkhorn {rows_n:,} x 19, {label}", f"{1000 * sec:.0f} ms",
                      str(result.iterations), f"{result.marginal_error:.1e}"])  # fmt: skip
     return rows
 
@@ -100,7 +101,7 @@ class TimedIterator:
             TIMES["data: loaders"] += time.perf_counter() - start
 
 
-def instrument() -> None:
+def instrument(skip: int) -> None:
     """Wrap the pieces of a CPSL step in timers (module attributes, as the code calls them)."""
     import pixcli.losses.cpsl as cpsl_losses
     from pixcli.engine import self_training
@@ -120,7 +121,7 @@ def instrument() -> None:
     counted = {"n": 0}
 
     def call(self: Any, step: int) -> dict[str, float]:
-        if counted["n"] == SKIP:  # start counting once the bank is full
+        if counted["n"] == skip:  # start counting once the bank is full
             TIMES.clear()
         counted["n"] += 1
         return timing("step", step_call)(self, step)
@@ -131,16 +132,21 @@ def instrument() -> None:
 SKIP = 35  # 32 steps fill the demo's bank (65,536 / (4 x 512)), 3 more for start-up
 
 
-def cpsl_rows(iterations: int) -> list[list[Any]]:
+def cpsl_rows(iterations: int, quick: bool = False) -> list[list[Any]]:
+    """One CPSL iteration split; ``quick``: a tiny model and benchmark, 1 skipped step."""
     from stages import adapt, pseudolabel
     from stages.demo import demo_adapt, demo_warmup
 
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         bench = root / "bench"
-        make_benchmark(bench, dataclasses.replace(BenchmarkConfig(), n_source=40,
-                                                  n_target_train=40, n_target_val=4))  # fmt: skip
+        size = {"width": 64, "height": 32, "n_source": 4, "n_target_train": 4} if quick else {}
+        make_benchmark(bench, dataclasses.replace(BenchmarkConfig(), **{"n_source": 40,
+                       "n_target_train": 40, "n_target_val": 4, **size}))  # fmt: skip
         model_cfg = demo_warmup().model
+        if quick:
+            model_cfg = SegmentorConfig(backbone="test_resnet", head="deeplabv2", feature_dim=16)
+        skip = 1 if quick else SKIP
         torch.manual_seed(0)
         ckpt = root / "warm.pt"
         save_checkpoint(ckpt, {"model_config": model_cfg.to_dict(), "step": 0,
@@ -153,9 +159,12 @@ def cpsl_rows(iterations: int) -> list[list[Any]]:
         cfg.method, cfg.device = "cpsl", "cpu"
         cfg.source, cfg.target = f"gta5:{bench / 'source'}", target
         cfg.pseudo = str(root / "pseudo" / "pseudo.h5")
-        cfg.loop = dataclasses.replace(cfg.loop, iterations=iterations + SKIP, log_every=10**9,
+        if quick:
+            cfg.batch_size, cfg.num_workers = 2, 0
+            cfg.augment = dataclasses.replace(cfg.augment, crop_size=(32, 32))
+        cfg.loop = dataclasses.replace(cfg.loop, iterations=iterations + skip, log_every=10**9,
                                        checkpoint_every=10**9)  # fmt: skip
-        instrument()
+        instrument(skip)
         adapt.run(cfg, ckpt, root / "adapt")
     total = TIMES.pop("step")
     data = TIMES["data: loaders"] + TIMES["data: pseudo.h5 crops"]
@@ -177,12 +186,21 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--iterations", type=int, default=30, help="timed CPSL iterations")
     parser.add_argument("--threads", type=int, default=2)
+    add_common_options(parser)
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    rows = sinkhorn_rows(3)
-    print_rows("Sinkhorn alone", ["what", "time", "iterations", "class marginal L1 error"], rows)
-    rows = cpsl_rows(args.iterations)
-    print_rows("One CPSL iteration, split", ["part", "time / iteration", "share", ""], rows)
+    torch.set_num_threads(1 if args.quick else args.threads)
+    if args.quick:
+        args.iterations = 2
+    sink = sinkhorn_rows(1, 2_048) if args.quick else sinkhorn_rows(3)
+    step = cpsl_rows(args.iterations, args.quick)
+    report(
+        [
+            table("Sinkhorn alone", ["what", "time", "iterations", "class marginal L1 error"],
+                  sink),
+            table("One CPSL iteration, split", ["part", "time / iteration", "share", ""], step),
+        ],
+        args.json,
+    )  # fmt: skip
 
 
 if __name__ == "__main__":

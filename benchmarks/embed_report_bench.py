@@ -3,6 +3,7 @@
     python benchmarks/embed_report_bench.py                 # OpenMP threads as the machine has
     python benchmarks/embed_report_bench.py --threads 1     # one thread (a shared machine)
     OMP_WAIT_POLICY=passive python benchmarks/embed_report_bench.py
+    python benchmarks/embed_report_bench.py --quick --json  # 500 points: checks it runs
 
 On a CPU that other processes also use, OpenMP threads that spin while they wait (libgomp's
 default) make scikit-learn's Barnes-Hut t-SNE two to three times slower than one thread;
@@ -32,9 +33,16 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import peak_rss_mb, print_rows  # noqa: E402
+from benchmarks.common import (  # noqa: E402
+    add_common_options,
+    last_json_line,
+    peak_rss_mb,
+    report,
+    table,
+)
 
 SIZES = (5_000, 10_000, 20_000)
+QUICK_SIZES = (500,)
 CLASSES = 19
 DIM = 256
 
@@ -73,6 +81,7 @@ def one(points: int) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--threads", type=int, help="OpenMP threads (default: the machine's)")
+    add_common_options(parser)
     parser.add_argument("--one", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
@@ -84,10 +93,10 @@ def main() -> None:
     threads = env.get("OMP_NUM_THREADS", f"all {os.cpu_count()} cores")
     threads += f", wait policy {env.get('OMP_WAIT_POLICY', 'default')}"
     rows = []
-    for points in SIZES:
+    for points in QUICK_SIZES if args.quick else SIZES:
         cmd = [sys.executable, __file__, "--one", str(points)]
         done = subprocess.run(cmd, capture_output=True, text=True, check=True, env=env)
-        r = json.loads(done.stdout.strip().splitlines()[-1])
+        r = last_json_line(done.stdout)
         total = r["scores"] + r["tsne"] + r["picture"]
         rows.append([points, r["scores"], r["tsne"], r["picture"], total, r["peak_mb"]])
     title = (
@@ -95,7 +104,7 @@ def main() -> None:
         "goal: 10k points < 60 s"
     )
     columns = ["points", "indices (s)", "t-SNE (s)", "PNG (s)", "total (s)", "peak RSS (MiB)"]
-    print_rows(title, columns, rows)
+    report([table(title, columns, rows)], args.json)
 
 
 if __name__ == "__main__":

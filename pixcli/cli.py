@@ -47,6 +47,10 @@ WindowOpt = Annotated[
 ]
 StrideOpt = Annotated[str | None, typer.Option(help="Window stride HxW.")]
 FlipOpt = Annotated[bool | None, typer.Option("--flip", help="Average with flipped input.")]
+CompileOpt = Annotated[
+    bool | None,
+    typer.Option("--compile", help="torch.compile the trained model (slow to start; for GPUs)."),
+]
 
 
 def user_errors(fn: F) -> F:
@@ -117,6 +121,7 @@ def warmup(
     weights_file: Annotated[
         Path | None, typer.Option(help="Start the backbone from a local weights file.")
     ] = None,
+    compile_: CompileOpt = None,
     config: ConfigOpt = None,
     device: DeviceOpt = "auto",
     seed: SeedOpt = None,
@@ -134,7 +139,7 @@ def warmup(
         "loop.iterations": iterations, "batch_size": batch_size, "optim.lr": lr,
         "model.backbone": backbone, "model.head": head, "model.pretrained": pretrained,
         "model.weights_file": str(weights_file) if weights_file else None,
-        "device": device, "seed": seed,
+        "compile": compile_, "device": device, "seed": seed,
     }  # fmt: skip
     cfg = load_config(stage.WarmupConfig, config, _overrides(set_, named))
     stage.run(cfg, out)
@@ -162,6 +167,7 @@ def adapt(
     iterations: IterationsOpt = None,
     batch_size: Annotated[int | None, typer.Option(help="Images per batch and stream.")] = None,
     lr: LrOpt = None,
+    compile_: CompileOpt = None,
     config: ConfigOpt = None,
     device: DeviceOpt = "auto",
     seed: SeedOpt = None,
@@ -181,7 +187,7 @@ def adapt(
         "labeled_fraction": labeled_fraction,
         "labeled_list": str(labeled_list) if labeled_list else None,
         "loop.iterations": iterations, "batch_size": batch_size, "optim.lr": lr,
-        "device": device, "seed": seed,
+        "compile": compile_, "device": device, "seed": seed,
     }  # fmt: skip
     cfg = load_config(stage.AdaptConfig, config, _overrides(set_, named))
     stage.run(cfg, checkpoint, out)
@@ -211,6 +217,7 @@ def distill(
     iterations: Annotated[int | None, typer.Option(help="Training iterations per round.")] = None,
     batch_size: Annotated[int | None, typer.Option(help="Images per batch and stream.")] = None,
     lr: LrOpt = None,
+    compile_: CompileOpt = None,
     config: ConfigOpt = None,
     device: DeviceOpt = "auto",
     seed: SeedOpt = None,
@@ -228,7 +235,7 @@ def distill(
         "source": source, "target": target, "val": val, "rounds": rounds,
         "student_init": student_init, "distill.threshold": threshold,
         "loop.iterations": iterations, "batch_size": batch_size, "optim.lr": lr,
-        "device": device, "seed": seed,
+        "compile": compile_, "device": device, "seed": seed,
     }  # fmt: skip
     cfg = load_config(stage.DistillConfig, config, _overrides(set_, named))
     stage.run(cfg, teacher, out)

@@ -16,7 +16,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from pixcli.artifacts import file_fingerprint, write_manifest
 from pixcli.config import to_dict
@@ -26,7 +25,7 @@ from pixcli.data.transforms import AugmentConfig
 from pixcli.engine.evaluation import evaluate_dataset
 from pixcli.engine.inference import InferenceConfig
 from pixcli.engine.optim import OptimConfig, build_optimizer
-from pixcli.engine.runtime import setup_runtime, shutdown, unwrap, wrap_ddp
+from pixcli.engine.runtime import setup_runtime, shutdown, training_model, unwrap
 from pixcli.engine.self_training import SelfTrainingConfig, SelfTrainingStep
 from pixcli.engine.semi_step import UniMatchConfig, UniMatchStep
 from pixcli.engine.trainer import LoopConfig, TrainLoop
@@ -60,7 +59,10 @@ class AdaptConfig:
     seed: int = 0
     device: str = "auto"
     amp: bool = True
-    batch_size: int = 4
+    channels_last: bool = True  # CUDA: NHWC memory format
+    compile: bool = False  # torch.compile the student (--compile)
+    sync_bn: bool = False  # torchrun on CUDA: SyncBatchNorm in the student
+    batch_size: int = 4  # per process and stream
     num_workers: int = 2
     optim: OptimConfig = field(default_factory=OptimConfig)
     loop: LoopConfig = field(default_factory=LoopConfig)
@@ -157,7 +159,7 @@ def run(cfg: AdaptConfig, checkpoint: Path, out: Path) -> dict:
         raise UserError(f"--method {cfg.method} needs --pseudo pseudo.h5 (pixcli pseudolabel)")
     timer = Timer()
     out.mkdir(parents=True, exist_ok=True)
-    runtime = setup_runtime(cfg.device, cfg.amp, cfg.seed)
+    runtime = setup_runtime(cfg.device, cfg.amp, cfg.seed, cfg.channels_last)
     labelled, unlabelled = _streams(cfg, out, runtime.is_main)
     val = open_labelled(cfg.val, cfg.val_split, "--val") if cfg.val else None
     inputs = {"checkpoint": file_fingerprint(checkpoint), "labelled": labelled.fingerprint()}
@@ -167,6 +169,7 @@ def run(cfg: AdaptConfig, checkpoint: Path, out: Path) -> dict:
         inputs["pseudo"] = file_fingerprint(Path(cfg.pseudo))
     done = prepare_out_dir(out, "adapt", inputs, to_dict(cfg))
     if done is not None:
+        shutdown(runtime)
         return done
 
     student, ckpt = load_model_for(checkpoint, labelled, runtime)
@@ -184,15 +187,13 @@ def run(cfg: AdaptConfig, checkpoint: Path, out: Path) -> dict:
     method.prepare_student(student)  # before the teacher copy and DDP (e.g. a projection head)
     student.train()
     teacher = copy.deepcopy(student).eval().requires_grad_(False)
-    ddp_student = wrap_ddp(student, runtime)
+    ddp_student = training_model(student, runtime, cfg.sync_bn, cfg.compile)
     groups = student.param_groups(cfg.optim.lr, cfg.optim.head_lr_mult)
     method_params = [p for p in method.parameters() if p.requires_grad]
     if method_params:
         groups.append({"params": method_params, "lr": cfg.optim.lr * method.head_lr_mult})
     optimizer = build_optimizer(groups, cfg.optim)
-    scaler = torch.amp.GradScaler(
-        "cuda", enabled=runtime.amp and runtime.amp_dtype == torch.float16
-    )
+    scaler = runtime.grad_scaler()
     meta = {
         "stage": "adapt",
         "classes": list(ckpt["classes"]),
@@ -217,8 +218,9 @@ def run(cfg: AdaptConfig, checkpoint: Path, out: Path) -> dict:
     def stream(ds: SegDataset, salt: int) -> object:
         seed = cfg.seed + 7919 * start + 1000 * runtime.rank + salt
         return infinite_loader(
-            SegTrainSet(ds, cfg.augment, seed=seed), cfg.batch_size, seed=seed,
-            num_workers=cfg.num_workers,
+            SegTrainSet(ds, cfg.augment, seed=seed), cfg.batch_size, seed=cfg.seed + salt,
+            num_workers=cfg.num_workers, rank=runtime.rank, world_size=runtime.world_size,
+            start=start,
         )  # fmt: skip
 
     args = (

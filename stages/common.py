@@ -9,7 +9,7 @@ from pathlib import Path
 from pixcli.artifacts import check_classes, file_fingerprint, finished_manifest, load_checkpoint
 from pixcli.data.readers import SegDataset, open_dataset
 from pixcli.engine.progress import console
-from pixcli.engine.runtime import Runtime
+from pixcli.engine.runtime import Runtime, to_device
 from pixcli.errors import UserError
 from pixcli.models import Segmentor, SegmentorConfig, build_segmentor
 
@@ -51,7 +51,8 @@ def open_labelled(spec: str, split: str, what: str) -> SegDataset:
 
 
 def load_model(path: Path, runtime: Runtime) -> tuple[Segmentor, dict]:
-    """The Segmentor stored in a checkpoint, on the runtime's device, in eval mode."""
+    """The Segmentor stored in a checkpoint, on the runtime's device (channels_last when
+    the runtime says so), in eval mode."""
     ckpt = load_checkpoint(path)
     try:
         cfg = SegmentorConfig.from_dict(ckpt["model_config"])
@@ -64,7 +65,7 @@ def load_model(path: Path, runtime: Runtime) -> tuple[Segmentor, dict]:
     except RuntimeError as exc:
         first = str(exc).splitlines()[0]
         raise UserError(f"{path}: weights do not fit the stored architecture ({first})") from None
-    return model.to(runtime.device).eval(), ckpt
+    return to_device(model, runtime).eval(), ckpt
 
 
 def load_model_for(path: Path, dataset: SegDataset, runtime: Runtime) -> tuple[Segmentor, dict]:

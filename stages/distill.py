@@ -78,7 +78,10 @@ class DistillConfig:
     seed: int = 0
     device: str = "auto"
     amp: bool = True
-    batch_size: int = 4  # ProDA --bs 4
+    channels_last: bool = True  # CUDA: NHWC memory format
+    compile: bool = False  # torch.compile each round's student (--compile)
+    sync_bn: bool = False  # torchrun on CUDA: SyncBatchNorm in the student
+    batch_size: int = 4  # ProDA --bs 4; per process under torchrun
     num_workers: int = 2
     distill: KDConfig = field(default_factory=KDConfig)  # beta 1, threshold 0.95 (ProDA)
     # The teacher's pseudo labels: flip-averaged (ProDA generate_pseudo_label.py --flip).
@@ -115,8 +118,11 @@ def run(cfg: DistillConfig, teacher: Path, out: Path) -> dict:
     init_file = _parse_init(cfg.student_init)[1]
     if init_file is not None:
         inputs["student_init"] = file_fingerprint(init_file)
+    # Joined here, so the rounds' stages leave the process group (torchrun) to this one.
+    runtime = setup_runtime(cfg.device, cfg.amp, cfg.seed)
     done = prepare_out_dir(out, "distill", inputs, to_dict(cfg))
     if done is not None:
+        shutdown(runtime)
         return done
 
     rounds: list[dict] = []
@@ -131,7 +137,6 @@ def run(cfg: DistillConfig, teacher: Path, out: Path) -> dict:
         "student_mIoU": rounds[-1]["student_mIoU"],
         "model.pt": f"the student of round {cfg.rounds} ({Path(current).name} of its train/)",
     }
-    runtime = setup_runtime(cfg.device, cfg.amp, cfg.seed)
     manifest: dict = {}
     if runtime.is_main:
         atomic_write(out / "model.pt", lambda tmp: shutil.copyfile(current, tmp))
@@ -241,7 +246,8 @@ def _adapt_config(cfg: DistillConfig, pseudo: Path, seed: int) -> adapt.AdaptCon
         pseudo=str(pseudo), eval_model="student", seed=seed, device=cfg.device, amp=cfg.amp,
         batch_size=cfg.batch_size, num_workers=cfg.num_workers, optim=cfg.optim, loop=cfg.loop,
         augment=cfg.augment, self_training=cfg.self_training, eval=cfg.eval,
-        distill=cfg.distill,
+        distill=cfg.distill, channels_last=cfg.channels_last, compile=cfg.compile,
+        sync_bn=cfg.sync_bn,
     )  # fmt: skip
 
 

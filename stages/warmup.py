@@ -3,6 +3,7 @@ adversarial alignment (AdaptSegNet), the warm-up that CPSL and ProDA start from.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -11,13 +12,20 @@ import torch.nn.functional as F
 
 from pixcli.artifacts import write_manifest
 from pixcli.config import to_dict
-from pixcli.data.readers import open_dataset
+from pixcli.data.readers import SegDataset, open_dataset
 from pixcli.data.training_set import SegTrainSet, infinite_loader
 from pixcli.data.transforms import AugmentConfig
 from pixcli.engine.evaluation import evaluate_dataset
 from pixcli.engine.inference import InferenceConfig
 from pixcli.engine.optim import OptimConfig, build_optimizer
-from pixcli.engine.runtime import setup_runtime, shutdown, unwrap, wrap_ddp
+from pixcli.engine.runtime import (
+    setup_runtime,
+    shutdown,
+    to_device,
+    training_model,
+    unwrap,
+    wrap_ddp,
+)
 from pixcli.engine.trainer import LoopConfig, TrainLoop
 from pixcli.errors import UserError
 from pixcli.losses.adversarial import (
@@ -50,8 +58,11 @@ class WarmupConfig:
     target_split: str = "train"
     seed: int = 0
     device: str = "auto"
-    amp: bool = True
-    batch_size: int = 8
+    amp: bool = True  # CUDA: bf16, or fp16 with a gradient scaler
+    channels_last: bool = True  # CUDA: NHWC memory format
+    compile: bool = False  # torch.compile the model (--compile)
+    sync_bn: bool = False  # torchrun on CUDA: SyncBatchNorm over the global batch
+    batch_size: int = 8  # per process: the global batch is batch_size x processes
     num_workers: int = 2
     model: SegmentorConfig = field(default_factory=SegmentorConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -68,7 +79,7 @@ def run(cfg: WarmupConfig, out: Path) -> dict:
     if cfg.adversarial.enabled and not cfg.target:
         raise UserError("--adversarial needs --target (KIND:PATH of unlabelled target images)")
     timer = Timer()
-    runtime = setup_runtime(cfg.device, cfg.amp, cfg.seed)
+    runtime = setup_runtime(cfg.device, cfg.amp, cfg.seed, cfg.channels_last)
     source = open_labelled(cfg.source, cfg.source_split, "--source")
     val = open_labelled(cfg.val, cfg.val_split, "--val") if cfg.val else None
     target = open_dataset(cfg.target, cfg.target_split) if cfg.adversarial.enabled else None
@@ -81,25 +92,26 @@ def run(cfg: WarmupConfig, out: Path) -> dict:
     cfg.model.num_classes = taxonomy.num_classes
     done = prepare_out_dir(out, "warmup", inputs, to_dict(cfg))
     if done is not None:
+        shutdown(runtime)
         return done
     if val is not None and val.taxonomy.classes != taxonomy.classes:
         raise UserError(f"--val {cfg.val}: its classes differ from the source's")
 
-    model = build_segmentor(cfg.model).to(runtime.device).train()
-    ddp_model = wrap_ddp(model, runtime)
+    model = to_device(build_segmentor(cfg.model), runtime).train()
+    ddp_model = training_model(model, runtime, cfg.sync_bn, cfg.compile)
     optimizer = build_optimizer(model.param_groups(cfg.optim.lr, cfg.optim.head_lr_mult), cfg.optim)
     modules: dict[str, torch.nn.Module] = {"model": model}
     optimizers: dict[str, torch.optim.Optimizer] = {"model": optimizer}
-    disc = None
+    disc = ddp_disc = None
     if cfg.adversarial.enabled:
-        disc = OutputDiscriminator(taxonomy.num_classes, cfg.adversarial.ndf).to(runtime.device)
+        disc = to_device(OutputDiscriminator(taxonomy.num_classes, cfg.adversarial.ndf), runtime)
+        # its own DDP: the same start on every rank, gradients averaged in its update
+        ddp_disc = wrap_ddp(disc, runtime)
         modules["discriminator"] = disc
         optimizers["discriminator"] = torch.optim.Adam(
             [{"params": disc.parameters(), "lr": cfg.adversarial.lr}], betas=(0.9, 0.99)
         )
-    scaler = torch.amp.GradScaler(
-        "cuda", enabled=runtime.amp and runtime.amp_dtype == torch.float16
-    )
+    scaler = runtime.grad_scaler()
     meta = {
         "stage": "warmup",
         "classes": list(taxonomy.classes),
@@ -117,17 +129,18 @@ def run(cfg: WarmupConfig, out: Path) -> dict:
         evaluate=evaluate if val is not None else None, scaler=scaler,
     )  # fmt: skip
     start = loop.resume()
-    src_iter = infinite_loader(
-        SegTrainSet(source, cfg.augment, seed=cfg.seed + 7919 * start + runtime.rank),
-        cfg.batch_size, seed=cfg.seed + start + 1000 * runtime.rank, num_workers=cfg.num_workers,
-    )  # fmt: skip
-    tgt_iter = None
-    if target is not None:
-        tgt_iter = infinite_loader(
-            SegTrainSet(target, cfg.augment, seed=cfg.seed + 7919 * start + runtime.rank + 1),
-            cfg.batch_size, seed=cfg.seed + start + 1000 * runtime.rank + 1,
-            num_workers=cfg.num_workers,
+
+    def stream(ds: SegDataset, salt: int) -> Iterator[dict]:
+        """Batches in the global order (the same on every rank, resumed at ``start``), each
+        rank its slice; augmentation seeded per rank and per resume."""
+        return infinite_loader(
+            SegTrainSet(ds, cfg.augment, seed=cfg.seed + 7919 * start + runtime.rank + salt),
+            cfg.batch_size, seed=cfg.seed + salt, num_workers=cfg.num_workers,
+            rank=runtime.rank, world_size=runtime.world_size, start=start,
         )  # fmt: skip
+
+    src_iter = stream(source, 0)
+    tgt_iter = stream(target, 1) if target is not None else None
 
     def step(_: int) -> dict[str, float]:
         batch = next(src_iter)
@@ -140,7 +153,7 @@ def run(cfg: WarmupConfig, out: Path) -> dict:
         logs["loss_ce"] = loss.item()
         if disc is not None and tgt_iter is not None:
             t_image = next(tgt_iter)["image"].to(runtime.device, non_blocking=True)
-            disc.requires_grad_(False)
+            disc.requires_grad_(False)  # and called without DDP: no gradient for it here
             with runtime.autocast():
                 t_logits = _full_size(ddp_model(t_image).logits, t_image)
                 adv = generator_adversarial_loss(disc(softmax_map(t_logits)))
@@ -149,13 +162,14 @@ def run(cfg: WarmupConfig, out: Path) -> dict:
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.step(optimizer)
-        if disc is not None:
+        if disc is not None and ddp_disc is not None:
             disc.requires_grad_(True)
             d_opt = optimizers["discriminator"]
             d_opt.zero_grad(set_to_none=True)
             with runtime.autocast():
                 d_loss = discriminator_loss(
-                    disc(softmax_map(logits.detach())), disc(softmax_map(t_logits.detach()))
+                    ddp_disc(softmax_map(logits.detach())),
+                    ddp_disc(softmax_map(t_logits.detach())),
                 )
             scaler.scale(d_loss).backward()
             scaler.step(d_opt)

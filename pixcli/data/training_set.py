@@ -1,22 +1,28 @@
 """Torch datasets and loaders over :class:`~pixcli.data.readers.SegDataset`.
 
+Data order: :class:`GlobalOrderSampler`, one seeded order per epoch shared by every rank
+and cut into per-rank slices of each global batch, so that N processes with batch b see
+the same images per step as one process with batch N * b, and a resumed run continues
+the order where it stopped.
+
 Augmentation randomness: item ``i`` draws from a fresh ``np.random.Generator`` seeded with
 ``(seed, i, worker seed, call counter)``. The worker seed (0 in the main process) is the
 one the DataLoader draws for each worker from its ``generator`` (seeded in
-:func:`infinite_loader`) every time workers start, i.e. every epoch unless workers persist;
-the per-copy call counter advances with every item drawn. So epochs differ, and a run with
-the same seeds and worker count repeats exactly.
+:func:`infinite_loader`) when the (persistent) workers start; the per-copy call counter
+advances with every item drawn. So epochs differ, and a run with the same seeds and worker
+count repeats exactly. Stages give each rank its own ``SegTrainSet`` seed, so ranks
+augment differently.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, RandomSampler, get_worker_info
+from torch.utils.data import DataLoader, Dataset, Sampler, get_worker_info
 
 from pixcli.data.readers import SegDataset
 from pixcli.data.taxonomy import IGNORE_INDEX
@@ -97,16 +103,57 @@ def inside_image(geometry: torch.Tensor) -> torch.Tensor:
     return torch.stack(masks)
 
 
-def _sampler(
-    dataset: Dataset, batch_size: int, shuffle: bool, generator: torch.Generator
-) -> Iterable[int] | None:
-    """For datasets smaller than one batch: repeat items so every batch is full."""
-    n = len(dataset)  # type: ignore[arg-type]
-    if n == 0 or n >= batch_size:
-        return None
-    if shuffle:
-        return RandomSampler(dataset, num_samples=batch_size, generator=generator)
-    return list(range(n)) * math.ceil(batch_size / n)
+class GlobalOrderSampler(Sampler[int]):
+    """Indices forever: one seeded order of the dataset per epoch, cut into global batches of
+    ``batch_size * world_size``; rank ``r`` takes the ``r``-th ``batch_size`` slice of each.
+
+    The order depends only on ``seed`` and the epoch (not on the rank nor the world size),
+    so ``world_size`` processes with ``batch_size`` each see, step for step, the same
+    images as one process with ``batch_size * world_size``: rank ``r``'s batch is rows
+    ``r * batch_size`` to ``(r + 1) * batch_size`` of the one-process batch. Epoch ``e``'s
+    order is a permutation drawn from ``np.random.default_rng([seed, e])`` (``arange``
+    without ``shuffle``), repeated when the dataset is smaller than a global batch; the
+    tail that does not fill a global batch is left out, as ``drop_last`` would. ``start``
+    skips that many global batches: a run resumed at step ``start`` continues the order.
+    """
+
+    def __init__(
+        self,
+        size: int,
+        batch_size: int,
+        shuffle: bool = True,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        start: int = 0,
+    ) -> None:
+        if size < 1 or batch_size < 1:
+            raise ValueError(f"GlobalOrderSampler: size {size}, batch_size {batch_size}")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"GlobalOrderSampler: rank {rank} of world size {world_size}")
+        self.size, self.batch_size, self.shuffle, self.seed = size, batch_size, shuffle, seed
+        self.rank, self.world_size, self.start = rank, world_size, start
+        self.global_batch = batch_size * world_size
+        self.repeats = math.ceil(self.global_batch / size)  # copies of the data per epoch
+        self.batches_per_epoch = self.repeats * size // self.global_batch
+
+    def epoch_order(self, epoch: int) -> np.ndarray:
+        """The epoch's order of dataset indices, global batches only (the same on all ranks)."""
+        if self.shuffle:
+            rng = np.random.default_rng([self.seed, epoch])
+            order = np.concatenate([rng.permutation(self.size) for _ in range(self.repeats)])
+        else:
+            order = np.tile(np.arange(self.size), self.repeats)
+        return order[: self.batches_per_epoch * self.global_batch]
+
+    def __iter__(self) -> Iterator[int]:
+        epoch, first = divmod(self.start, self.batches_per_epoch)
+        while True:
+            order = self.epoch_order(epoch)
+            for k in range(first, self.batches_per_epoch):
+                begin = k * self.global_batch + self.rank * self.batch_size
+                yield from (int(i) for i in order[begin : begin + self.batch_size])
+            epoch, first = epoch + 1, 0
 
 
 def infinite_loader(
@@ -117,29 +164,46 @@ def infinite_loader(
     num_workers: int = 0,
     drop_last: bool = True,
     sampler: Any = None,
+    rank: int = 0,
+    world_size: int = 1,
+    start: int = 0,
 ) -> Iterator[dict[str, Any]]:
-    """Batches from ``dataset`` forever, epoch after epoch.
+    """Batches of ``batch_size`` from ``dataset`` forever.
 
-    Shuffling and worker seeds come from a generator seeded with ``seed``. A
-    ``DistributedSampler`` given as ``sampler`` gets ``set_epoch`` before every epoch.
-    A dataset smaller than one batch is repeated so batches stay full.
+    By default the order is :class:`GlobalOrderSampler`'s: seeded with ``seed``, the same
+    on every rank, partitioned across ``world_size`` ranks, resumed ``start`` batches in
+    (pass ``seed`` equal on every rank, ``rank``/``world_size`` from the runtime). The
+    DataLoader's generator (seeded with ``seed``) gives the worker seeds. A ``sampler``
+    given instead is run epoch after epoch, with ``set_epoch`` before each when it has one
+    (e.g. a ``DistributedSampler``); ``drop_last`` applies to it only.
     """
     if len(dataset) == 0:  # type: ignore[arg-type]
         raise ValueError("infinite_loader: the dataset is empty")
     generator = torch.Generator()
     generator.manual_seed(seed)
-    if sampler is None:
-        sampler = _sampler(dataset, batch_size, shuffle, generator)
+    endless = sampler is None
+    if endless:
+        sampler = GlobalOrderSampler(
+            len(dataset),
+            batch_size,
+            shuffle,
+            seed,
+            rank,
+            world_size,
+            start,  # type: ignore[arg-type]
+        )
     loader = DataLoader(
         dataset,
         batch_size=batch_size,
-        shuffle=shuffle and sampler is None,
         sampler=sampler,
         num_workers=num_workers,
         drop_last=drop_last,
         generator=generator,
         persistent_workers=num_workers > 0,
     )
+    if endless:
+        yield from loader
+        return
     epoch = 0
     while True:
         if hasattr(sampler, "set_epoch"):

@@ -9,7 +9,9 @@ One step (UDA; DAFormer/DACS as the baseline every paper measures against):
 3. the method's hook may change labels and weights (CPSL: rectification, Eq. 1);
 4. ClassMix of labelled and unlabelled images (optional), then the strong photometric
    view (``data.mixing``) -> student -> weighted cross-entropy on the mixed labels;
-5. the method's extra loss terms; one backward pass; optimiser step;
+5. the method's extra loss terms; one backward pass (under torchrun, the gradients of the
+   method's own parameters are averaged over the ranks, as DDP does the student's);
+   optimiser step;
 6. EMA teacher update (momentum, optionally DAFormer's ramp), then the method's
    ``after_step``.
 
@@ -29,7 +31,7 @@ from torch import Tensor, nn
 
 from pixcli.data.mixing import classmix_masks, mix, strong_view
 from pixcli.data.training_set import inside_image
-from pixcli.engine.runtime import Runtime, unwrap
+from pixcli.engine.runtime import Runtime, average_gradients, unwrap
 from pixcli.losses.self_training import (
     ema_momentum,
     ema_update,
@@ -108,6 +110,7 @@ class SelfTrainingStep:
         total = sum(losses.values())
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(total).backward()
+        average_gradients(self.method.parameters(), self.runtime)
         self.scaler.step(self.optimizer)
         self.scaler.update()
         momentum = self.method.teacher_momentum(

@@ -14,6 +14,7 @@ batches, computes its losses and steps its optimisers. The loop owns everything 
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import time
@@ -53,7 +54,7 @@ class TrainLoop:
     ``modules`` are saved and restored by name; ``modules[export]`` is the Segmentor whose
     weights become ``model.pt`` and ``best.pt``. ``meta`` is stored in every checkpoint
     (model config, classes, palette, stage configuration); a resumed run must have the same
-    ``meta["config"]`` except for the iteration count.
+    ``meta["config"]`` except for the iteration count and ``compile``.
     """
 
     def __init__(
@@ -113,9 +114,11 @@ class TrainLoop:
         if not path.is_file():
             return 0
         ckpt = load_checkpoint(path, map_location=self.runtime.device)
-        old, new = dict(ckpt["meta"].get("config", {})), dict(self.meta.get("config", {}))
-        for cfg in (old, new):
+        old = copy.deepcopy(ckpt["meta"].get("config", {}))
+        new = copy.deepcopy(self.meta.get("config", {}))
+        for cfg in (old, new):  # what may change on resume: the length, torch.compile
             cfg.get("loop", {}).pop("iterations", None)
+            cfg.pop("compile", None)
         if old != new:
             raise UserError(
                 f"{path}: this output directory holds a run with another configuration; "
