@@ -19,7 +19,6 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import sys
 import tempfile
 import time
@@ -34,11 +33,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.common import add_common_options, peak_rss_mb, report, table, timed  # noqa: E402
-from pixcli.artifacts import save_checkpoint  # noqa: E402
-from pixcli.data.benchmark import BenchmarkConfig, make_benchmark  # noqa: E402
-from pixcli.data.taxonomy import CITYSCAPES  # noqa: E402
 from pixcli.losses.sinkhorn import sinkhorn  # noqa: E402
-from pixcli.models import SegmentorConfig, build_segmentor  # noqa: E402
 
 TIMES: dict[str, float] = defaultdict(float)
 
@@ -134,36 +129,15 @@ SKIP = 35  # 32 steps fill the demo's bank (65,536 / (4 x 512)), 3 more for star
 
 def cpsl_rows(iterations: int, quick: bool = False) -> list[list[Any]]:
     """One CPSL iteration split; ``quick``: a tiny model and benchmark, 1 skipped step."""
-    from stages import adapt, pseudolabel
-    from stages.demo import demo_adapt, demo_warmup
+    from benchmarks.adapt_fixture import adapt_fixture
+    from stages import adapt
 
+    skip = 1 if quick else SKIP
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        bench = root / "bench"
-        size = {"width": 64, "height": 32, "n_source": 4, "n_target_train": 4} if quick else {}
-        make_benchmark(bench, dataclasses.replace(BenchmarkConfig(), **{"n_source": 40,
-                       "n_target_train": 40, "n_target_val": 4, **size}))  # fmt: skip
-        model_cfg = demo_warmup().model
-        if quick:
-            model_cfg = SegmentorConfig(backbone="test_resnet", head="deeplabv2", feature_dim=16)
-        skip = 1 if quick else SKIP
-        torch.manual_seed(0)
-        ckpt = root / "warm.pt"
-        save_checkpoint(ckpt, {"model_config": model_cfg.to_dict(), "step": 0,
-                               "classes": list(CITYSCAPES.classes),
-                               "state_dict": build_segmentor(model_cfg).state_dict()})  # fmt: skip
-        target = f"cityscapes:{bench / 'target'}"
-        pl_cfg = pseudolabel.PseudolabelConfig(target=target, device="cpu", num_workers=0)
-        pseudolabel.run(pl_cfg, ckpt, root / "pseudo")
-        cfg = demo_adapt()
-        cfg.method, cfg.device = "cpsl", "cpu"
-        cfg.source, cfg.target = f"gta5:{bench / 'source'}", target
-        cfg.pseudo = str(root / "pseudo" / "pseudo.h5")
-        if quick:
-            cfg.batch_size, cfg.num_workers = 2, 0
-            cfg.augment = dataclasses.replace(cfg.augment, crop_size=(32, 32))
-        cfg.loop = dataclasses.replace(cfg.loop, iterations=iterations + skip, log_every=10**9,
-                                       checkpoint_every=10**9)  # fmt: skip
+        cfg, ckpt = adapt_fixture(root, iterations + skip, quick)
+        cfg.method = "cpsl"
+        cfg.cpsl.memory_length = 65_536  # the paper's bank (the demo's is 16,384)
         instrument(skip)
         adapt.run(cfg, ckpt, root / "adapt")
     total = TIMES.pop("step")

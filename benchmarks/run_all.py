@@ -31,6 +31,7 @@ SCRIPTS = {
     "pseudolabel": HERE / "pseudolabel_bench.py",
     "embed_report": HERE / "embed_report_bench.py",
     "cpsl": HERE / "cpsl_bench.py",
+    "methods": HERE / "methods_bench.py",
 }
 
 

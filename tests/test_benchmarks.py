@@ -88,7 +88,8 @@ def test_every_real_benchmark_runs_in_quick_mode(tmp_path: Path):
     out = json.loads(done.stdout.strip().splitlines()[-1])
     assert out["failed"] == {}
     names = {row[0] for row in out["figures"]}
-    assert names == {"warmup_eval", "pseudolabel", "embed_report", "cpsl"}
+    assert names == {"warmup_eval", "pseudolabel", "embed_report", "cpsl", "methods"}
     figures = {(row[0], row[1]) for row in out["figures"]}
     assert ("warmup_eval", "demo warmup (pixcli loop): speed") in figures
     assert ("cpsl", "CPSL iteration (2 + 2 images, 32x32): time / iteration") in figures
+    assert ("methods", "pgpc: vs none") in figures
