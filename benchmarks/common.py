@@ -68,6 +68,18 @@ def add_common_options(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def timed_steps_arguments(default_iterations: int, what: str) -> argparse.Namespace:
+    """``--iterations``, ``--threads``, ``--json``, ``--quick`` parsed; torch's thread count set
+    (one thread with ``--quick``)."""
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--iterations", type=int, default=default_iterations, help=what)
+    parser.add_argument("--threads", type=int, default=2)
+    add_common_options(parser)
+    args = parser.parse_args()
+    torch.set_num_threads(1 if args.quick else args.threads)
+    return args
+
+
 def last_json_line(stdout: str) -> dict:
     """The JSON object on the last line of a child process's output."""
     return json.loads(stdout.strip().splitlines()[-1])

@@ -18,7 +18,6 @@
 
 from __future__ import annotations
 
-import argparse
 import sys
 import tempfile
 import time
@@ -32,7 +31,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import add_common_options, peak_rss_mb, report, table, timed  # noqa: E402
+from benchmarks.common import peak_rss_mb, report, table, timed, timed_steps_arguments  # noqa: E402
 from pixcli.losses.sinkhorn import sinkhorn  # noqa: E402
 
 TIMES: dict[str, float] = defaultdict(float)
@@ -157,12 +156,7 @@ def cpsl_rows(iterations: int, quick: bool = False) -> list[list[Any]]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--iterations", type=int, default=30, help="timed CPSL iterations")
-    parser.add_argument("--threads", type=int, default=2)
-    add_common_options(parser)
-    args = parser.parse_args()
-    torch.set_num_threads(1 if args.quick else args.threads)
+    args = timed_steps_arguments(30, "timed CPSL iterations")
     if args.quick:
         args.iterations = 2
     sink = sinkhorn_rows(1, 2_048) if args.quick else sinkhorn_rows(3)

@@ -12,19 +12,16 @@ timed. The papers: PGPC costs about a third more than its DAFormer baseline.
 
 from __future__ import annotations
 
-import argparse
 import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.adapt_fixture import adapt_fixture  # noqa: E402
-from benchmarks.common import add_common_options, peak_rss_mb, report, table  # noqa: E402
+from benchmarks.common import peak_rss_mb, report, table, timed_steps_arguments  # noqa: E402
 
 METHODS = ("none", "cpsl", "pgpc", "pixl")
 SKIP = 10  # CPSL's demo bank (16,384 rows) is full after 8 steps of 4 x 512 samples
@@ -59,12 +56,7 @@ def seconds_per_step(method: str, iterations: int, skip: int, quick: bool) -> fl
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--iterations", type=int, default=20, help="timed steps per method")
-    parser.add_argument("--threads", type=int, default=2)
-    add_common_options(parser)
-    args = parser.parse_args()
-    torch.set_num_threads(1 if args.quick else args.threads)
+    args = timed_steps_arguments(20, "timed steps per method")
     iterations, skip = (2, 1) if args.quick else (args.iterations, SKIP)
     times = {m: seconds_per_step(m, iterations, skip, args.quick) for m in METHODS}
     rows = [[m, f"{1000 * t:.0f} ms", f"{t / times['none']:.2f}x"] for m, t in times.items()]
