@@ -16,7 +16,7 @@ the self-training loop, equation by equation:
 - adaptive prototype generation, the median rule (Eq. 8): :func:`adaptive_prototypes`;
 - drift pixel asymmetric contrast (Eq. 6-7): :func:`drift_pixel_contrast`;
 - the thing-class ImageNet feature distance (Eq. 13-14): :func:`thing_mask`,
-  :func:`feature_distance`;
+  :func:`feature_distance` (shared with the loop, in :mod:`pixcli.losses.feature_distance`);
 - the paper's defaults and the Table 4 / Table 5 switches: :class:`PiXLConfig`.
 
 The cross-entropy terms of Eq. 12 are the loop's weighted cross-entropy
@@ -33,10 +33,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from pixcli.errors import UserError
-
-# DAFormer's thing classes of the 19 Cityscapes classes (traffic light, traffic sign, person,
-# rider, car, truck, bus, train, motorcycle, bicycle), the classes L_FD is applied to.
-CITYSCAPES_THING_CLASSES = (6, 7, 11, 12, 13, 14, 15, 16, 17, 18)
+from pixcli.losses.feature_distance import CITYSCAPES_THING_CLASSES
+from pixcli.losses.feature_distance import feature_distance as feature_distance  # re-export
+from pixcli.losses.feature_distance import thing_mask as thing_mask  # re-export
 
 
 @dataclass
@@ -269,34 +268,3 @@ def drift_pixel_contrast(
     p = F.normalize(prototypes.detach().float(), dim=1)
     logits = (z @ p.T / tau).masked_fill(~present, float("-inf"))
     return F.cross_entropy(logits, labels[keep].long())
-
-
-# -------------------------------------------------------------------------------- FD
-
-
-def thing_mask(
-    labels: Tensor, grid: tuple[int, int], thing_classes: tuple[int, ...], min_ratio: float = 0.75
-) -> Tensor:
-    """The mask I of Eq. 14 on a feature grid: cells where one thing class covers at least
-    ``min_ratio`` of the label pixels (DAFormer's label downscaling with its 0.75 ratio,
-    which PiXL follows; shares by adaptive average pooling).
-
-    ``labels`` ``(B, H, W)`` -> ``(B, h, w)`` bool.
-    """
-    mask = torch.zeros(labels.shape[0], *grid, dtype=torch.bool, device=labels.device)
-    for cls in thing_classes:
-        share = F.adaptive_avg_pool2d((labels == cls).float().unsqueeze(1), grid)[:, 0]
-        mask |= share >= min_ratio
-    return mask
-
-
-def feature_distance(features: Tensor, imagenet_features: Tensor, mask: Tensor) -> Tensor:
-    """Thing-class ImageNet feature distance, L_FD (Eq. 13-14).
-
-    ``d_j = ||f_j - f'_j||_2`` between the model's and the frozen ImageNet backbone's last
-    feature maps ``(B, D, h, w)``, averaged over the cells of ``mask`` ``(B, h, w)``; the
-    ImageNet features are detached. 0 (attached) when the mask is empty.
-    """
-    distance = (features.float() - imagenet_features.detach().float()).norm(dim=1)
-    weight = mask.to(distance)
-    return (distance * weight).sum() / weight.sum().clamp(min=1.0)

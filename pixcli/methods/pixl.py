@@ -41,11 +41,11 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
 from pixcli.data.taxonomy import IGNORE_INDEX
+from pixcli.engine.imagenet_fd import ImageNetFeatureDistance, has_imagenet_weights
 from pixcli.engine.inference import resize_map
-from pixcli.engine.runtime import unwrap
 from pixcli.errors import UserError
 from pixcli.losses.pixl import (
     PiXLConfig,
@@ -53,17 +53,14 @@ from pixcli.losses.pixl import (
     drift_pixel_contrast,
     entropy_window,
     eta_at,
-    feature_distance,
     local_prototypes,
     low_resolution_size,
     partition_pixels,
     pixel_entropy,
     random_window,
-    thing_mask,
 )
 from pixcli.losses.self_training import weighted_cross_entropy
 from pixcli.methods.base import Method, MethodSetup, StepContext
-from pixcli.models.backbone import create_backbone
 from pixcli.models.segmentor import SegOutput
 
 
@@ -140,7 +137,7 @@ class PiXL(Method):
         self.cfg = cfg or PiXLConfig()
         self.generator = torch.Generator().manual_seed(2)
         self._fd: bool | None = None  # decided at the first step, from the student's config
-        self._imagenet: list[nn.Module] = []  # frozen ImageNet backbone; a list: not saved
+        self._imagenet: ImageNetFeatureDistance | None = None  # frozen copy, not a module
 
     # -- hooks ------------------------------------------------------------------------
     def student_input(self, image: Tensor) -> Tensor:
@@ -174,7 +171,8 @@ class PiXL(Method):
             label = crop_windows(view.label, boxes, window)
             weight = crop_windows(view.weight, boxes, window)
             if k == 0 and use_fd:
-                high, fd = self._forward_with_fd(ctx.student, image, label)
+                assert self._imagenet is not None
+                high, fd = self._imagenet(ctx.student, image, label)
             else:
                 high = ctx.student(image)
             logits = resize_map(high.logits.float(), window)  # up to X^H's own size
@@ -231,38 +229,11 @@ class PiXL(Method):
         backbone; the frozen ImageNet copy is built the first time it is needed."""
         if self._fd is not None:
             return self._fd
-        model_cfg = getattr(unwrap(ctx.student), "config", None)
-        pretrained = model_cfg is not None and (model_cfg.pretrained or model_cfg.weights_file)
+        pretrained = has_imagenet_weights(ctx.student)
         self._fd = bool(self.cfg.lambda_fd > 0 and self.setup.unlabelled is not None and pretrained)
         if self._fd:
-            assert model_cfg is not None
-            bad = [c for c in self.cfg.fd_thing_classes if not 0 <= c < self.setup.num_classes]
-            if bad:
-                raise UserError(
-                    f"pixl.fd_thing_classes: class {bad[0]} is outside the model's "
-                    f"{self.setup.num_classes} classes; set the thing classes or lambda_fd = 0"
-                )
-            imagenet = create_backbone(
-                model_cfg.backbone, pretrained=model_cfg.pretrained,
-                weights_file=model_cfg.weights_file, output_stride=model_cfg.output_stride,
+            self._imagenet = ImageNetFeatureDistance(
+                ctx.student, ctx.labelled_image.device, self.cfg.fd_thing_classes,
+                self.cfg.fd_min_ratio, name="pixl.fd_thing_classes",
             )  # fmt: skip
-            self._imagenet = [imagenet.to(ctx.labelled_image.device).eval().requires_grad_(False)]
         return self._fd
-
-    def _forward_with_fd(
-        self, student: nn.Module, image: Tensor, label: Tensor
-    ) -> tuple[SegOutput, Tensor]:
-        """The student on ``image`` and L_FD (Eq. 14) between its last backbone map and the
-        frozen ImageNet backbone's, on the thing cells of ``label``."""
-        captured: list[Tensor] = []
-        backbone = unwrap(student).backbone
-        handle = backbone.register_forward_hook(lambda _m, _i, out: captured.append(out[-1]))
-        try:
-            high = student(image)
-        finally:
-            handle.remove()
-        with torch.no_grad():
-            reference = self._imagenet[0](image)[-1]
-        grid = (reference.shape[-2], reference.shape[-1])
-        mask = thing_mask(label, grid, self.cfg.fd_thing_classes, self.cfg.fd_min_ratio)
-        return high, feature_distance(captured[-1], reference, mask)
