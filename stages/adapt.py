@@ -19,6 +19,7 @@ import numpy as np
 
 from pixcli.artifacts import file_fingerprint, write_manifest
 from pixcli.config import to_dict
+from pixcli.data.rare_class import RareClassSampler, class_pixel_counts
 from pixcli.data.readers import SegDataset, open_dataset
 from pixcli.data.training_set import SegTrainSet, infinite_loader
 from pixcli.data.transforms import AugmentConfig
@@ -215,17 +216,26 @@ def run(cfg: AdaptConfig, checkpoint: Path, out: Path) -> dict:
     )  # fmt: skip
     start = loop.resume()
 
-    def stream(ds: SegDataset, salt: int) -> object:
+    def stream(ds: SegDataset, salt: int, sampler: object = None) -> object:
         seed = cfg.seed + 7919 * start + 1000 * runtime.rank + salt
         return infinite_loader(
             SegTrainSet(ds, cfg.augment, seed=seed), cfg.batch_size, seed=cfg.seed + salt,
             num_workers=cfg.num_workers, rank=runtime.rank, world_size=runtime.world_size,
-            start=start,
+            start=start, sampler=sampler,
+        )  # fmt: skip
+
+    st = cfg.self_training
+    rcs = None
+    if st.rare_class_sampling:  # DAFormer Eq. 6-7 on the labelled stream
+        rcs = RareClassSampler(
+            class_pixel_counts(labelled, student.config.num_classes), cfg.batch_size,
+            st.rcs_temperature, st.rcs_min_pixels, cfg.seed, runtime.rank,
+            runtime.world_size, start,
         )  # fmt: skip
 
     args = (
         cfg.self_training, runtime, ddp_student, teacher, method, optimizer, scaler,
-        stream(labelled, 0), stream(unlabelled, 1) if unlabelled is not None else None,
+        stream(labelled, 0, rcs), stream(unlabelled, 1) if unlabelled is not None else None,
     )  # fmt: skip
     if step_kind == "unimatch":
         step = UniMatchStep(cfg.unimatch, *args, seed=cfg.seed + start)  # type: ignore[arg-type]

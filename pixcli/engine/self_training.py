@@ -9,15 +9,17 @@ One step (UDA; DAFormer/DACS as the baseline every paper measures against):
 3. the method's hook may change labels and weights (CPSL: rectification, Eq. 1);
 4. ClassMix of labelled and unlabelled images (optional), then the strong photometric
    view (``data.mixing``) -> student -> weighted cross-entropy on the mixed labels;
-5. the method's extra loss terms; one backward pass (under torchrun, the gradients of the
-   method's own parameters are averaged over the ranks, as DDP does the student's);
-   optimiser step;
+5. the method's extra loss terms (and, with ``feature_distance > 0``, DAFormer's
+   thing-class ImageNet feature distance on the labelled images, Eq. 8); one backward pass
+   (under torchrun, the gradients of the method's own parameters are averaged over the
+   ranks, as DDP does the student's); optimiser step;
 6. EMA teacher update (momentum, optionally DAFormer's ramp), then the method's
    ``after_step``.
 
-With no unlabelled stream (``--setting supervised``) steps 2-4 are skipped. The
-semi-supervised setting uses UniMatch's step instead (``pixcli.engine.semi_step``), a
-subclass that replaces steps 2-4.
+The labelled stream may be drawn by rare-class sampling (``rare_class_sampling``; built in
+``stages.adapt`` with ``pixcli.data.rare_class``). With no unlabelled stream
+(``--setting supervised``) steps 2-4 are skipped. The semi-supervised setting uses
+UniMatch's step instead (``pixcli.engine.semi_step``), a subclass that replaces steps 2-4.
 """
 
 from __future__ import annotations
@@ -31,7 +33,9 @@ from torch import Tensor, nn
 
 from pixcli.data.mixing import classmix_masks, mix, strong_view
 from pixcli.data.training_set import inside_image
+from pixcli.engine.imagenet_fd import ImageNetFeatureDistance
 from pixcli.engine.runtime import Runtime, average_gradients, unwrap
+from pixcli.losses.feature_distance import CITYSCAPES_THING_CLASSES
 from pixcli.losses.self_training import (
     ema_momentum,
     ema_update,
@@ -53,6 +57,15 @@ class SelfTrainingConfig:
     strong_blur_prob: float = 0.5  # DACS blur probability
     unlabelled_weight: float = 1.0  # weight of the unlabelled (mixed) CE term
     consistency: str = "auto"  # dacs | unimatch (semi_step); auto: unimatch for --setting semi
+    # Rare-class sampling of the labelled stream (DAFormer Sec. 3.3, Eq. 6-7)
+    rare_class_sampling: bool = False  # off by default (DAFormer turns it on)
+    rcs_temperature: float = 0.01  # T of DAFormer Eq. 7
+    rcs_min_pixels: int = 3  # DAFormer: 3000 at 1280x720; small for benchmark-size images
+    # Thing-class ImageNet feature distance on the labelled images (DAFormer Eq. 8): its weight
+    # lambda_FD (DAFormer: 0.005), 0 = off; needs model.pretrained or model.weights_file.
+    feature_distance: float = 0.0
+    fd_thing_classes: tuple[int, ...] = CITYSCAPES_THING_CLASSES  # DAFormer's thing classes
+    fd_min_ratio: float = 0.75  # DAFormer: a cell is "thing" when one thing class covers this
 
 
 def full_size(logits: Tensor, like: Tensor) -> Tensor:
@@ -86,6 +99,12 @@ class SelfTrainingStep:
         self.unlabelled = unlabelled
         self.generator = torch.Generator().manual_seed(seed)
         self.labelled_weight = 1.0  # of the labelled CE term
+        self.fd: ImageNetFeatureDistance | None = None
+        if cfg.feature_distance > 0:
+            self.fd = ImageNetFeatureDistance(
+                student, runtime.device, cfg.fd_thing_classes, cfg.fd_min_ratio,
+                name="self_training.feature_distance",
+            )  # fmt: skip
 
     def __call__(self, step: int) -> dict[str, float]:
         dev = self.runtime.device
@@ -98,7 +117,12 @@ class SelfTrainingStep:
         )
         losses: dict[str, Tensor] = {}
         with self.runtime.autocast():
-            ctx.student_labelled = self.student(self.method.student_input(ctx.labelled_image))
+            image = self.method.student_input(ctx.labelled_image)
+            if self.fd is not None:
+                ctx.student_labelled, fd = self.fd(self.student, image, ctx.labelled_label)
+                losses["fd"] = self.cfg.feature_distance * fd
+            else:
+                ctx.student_labelled = self.student(image)
             losses["ce_labelled"] = self.labelled_weight * F.cross_entropy(
                 full_size(ctx.student_labelled.logits, ctx.labelled_image),
                 ctx.labelled_label,
