@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from pathlib import Path
 
@@ -58,8 +57,9 @@ def load_model(path: Path, runtime: Runtime) -> tuple[Segmentor, dict]:
         cfg = SegmentorConfig.from_dict(ckpt["model_config"])
     except (TypeError, KeyError) as exc:
         raise UserError(f"{path}: checkpoint has an unknown model configuration ({exc})") from None
-    cfg = dataclasses.replace(cfg, pretrained=False, weights_file=None)
-    model = build_segmentor(cfg)
+    # the config keeps pretrained / weights_file (L_FD's ImageNet copy needs them); the
+    # checkpoint's weights replace the backbone's, so they are not loaded here
+    model = build_segmentor(cfg, load_weights=False)
     try:
         model.load_state_dict(ckpt["state_dict"])
     except RuntimeError as exc:
