@@ -17,6 +17,7 @@ from pixcli.losses.cpsl import (
     SelfLabelingHead,
     class_balanced_sample,
     class_distribution,
+    pooled_class_distribution,
     prototype_scores,
     random_sample,
     rectify_pseudo_labels,
@@ -257,6 +258,29 @@ def test_class_distribution_and_moving_average() -> None:
     torch.testing.assert_close(update_class_distribution(previous, empty, 0.9), previous)
     with pytest.raises(ValueError):
         class_distribution(torch.tensor([3]), 3)
+
+
+def test_pooled_class_distribution_is_the_local_one_in_one_process() -> None:
+    labels = torch.tensor([[0, 0, 1], [IGNORE, 2, 0]])
+    torch.testing.assert_close(pooled_class_distribution(labels, 3), class_distribution(labels, 3))
+
+
+def _pooled_worker(rank: int, init_file: str, out_dir: str) -> None:
+    torch.distributed.init_process_group("gloo", f"file://{init_file}", rank=rank, world_size=2)
+    labels = [torch.tensor([0, 0, 0, 1]), torch.tensor([2, IGNORE])][rank]  # uneven, one ignored
+    torch.save(pooled_class_distribution(labels, 3), f"{out_dir}/rank{rank}.pt")
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_pooled_class_distribution_counts_every_rank_under_gloo(tmp_path: Path) -> None:
+    torch.multiprocessing.spawn(
+        _pooled_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True
+    )
+    expected = torch.tensor([3 / 5, 1 / 5, 1 / 5])  # the 5 valid pixels of both ranks together
+    for rank in (0, 1):
+        torch.testing.assert_close(torch.load(tmp_path / f"rank{rank}.pt"), expected)
 
 
 # ------------------------------------------------------------------------ rectification

@@ -29,6 +29,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -194,11 +195,28 @@ def class_distribution(
     All pixels given count together: pass one image for the paper's delta_n, a batch for the
     batch's pooled distribution. Returns float32 zeros when no pixel is valid.
     """
+    counts = _class_counts(labels, num_classes, ignore_index)
+    return counts / counts.sum().clamp(min=1)
+
+
+def _class_counts(labels: Tensor, num_classes: int, ignore_index: int) -> Tensor:
     _, label = _valid_pixels(labels, ignore_index)
     if label.numel() and int(label.max()) >= num_classes:
         raise ValueError(f"label {int(label.max())} outside {num_classes} classes")
-    counts = torch.bincount(label, minlength=num_classes).float()
-    return counts / max(label.numel(), 1)
+    return torch.bincount(label, minlength=num_classes).float()
+
+
+def pooled_class_distribution(
+    labels: Tensor, num_classes: int, ignore_index: int = IGNORE_INDEX
+) -> Tensor:
+    """:func:`class_distribution` of the labels of every torchrun rank together: the pixel
+    counts are summed across ranks (``all_reduce``), so every rank gets the same delta_n and
+    delta_pseudo (Eq. 11) stays identical on all of them. One process: ``class_distribution``.
+    """
+    counts = _class_counts(labels, num_classes, ignore_index)
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(counts)
+    return counts / counts.sum().clamp(min=1)
 
 
 def update_class_distribution(delta_pseudo: Tensor, delta_n: Tensor, alpha: float) -> Tensor:

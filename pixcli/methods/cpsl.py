@@ -37,7 +37,7 @@ from pixcli.losses.cpsl import (
     CPSLConfig,
     SelfLabelingHead,
     class_balanced_sample,
-    class_distribution,
+    pooled_class_distribution,
     random_sample,
     rectify_pseudo_labels,
     self_labeling_loss,
@@ -129,7 +129,7 @@ class CPSL(Method):
             self.bank.push(*samples)
         labels = ctx.scratch.get("rectified")
         if labels is not None:
-            delta_n = class_distribution(labels, self.setup.num_classes)
+            delta_n = pooled_class_distribution(labels, self.setup.num_classes)
             self.delta_pseudo.copy_(
                 update_class_distribution(
                     self.delta_pseudo, delta_n.to(self.delta_pseudo), self.cfg.distribution_momentum
