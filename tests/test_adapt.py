@@ -18,16 +18,7 @@ from pixcli.losses.self_training import (
     pseudo_labels_and_weights,
     weighted_cross_entropy,
 )
-from stages import adapt, warmup
-
-
-@pytest.fixture(scope="module")
-def warm(tiny_bench: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("warm")
-    cfg = tiny_warmup(tiny_bench)
-    cfg.loop.iterations = 2
-    warmup.run(cfg, out)
-    return out / "model.pt"
+from stages import adapt
 
 
 def _cfg(bench: Path, **kw: object) -> adapt.AdaptConfig:

@@ -19,7 +19,7 @@ from pixcli.engine.imagenet_fd import ImageNetFeatureDistance
 from pixcli.errors import UserError
 from pixcli.losses.feature_distance import feature_distance, thing_mask
 from pixcli.models import SegmentorConfig, build_segmentor
-from stages import adapt, warmup
+from stages import adapt
 
 # three images, three classes: class 2 is rare (1 + 2 of 152 pixels)
 COUNTS = np.array([[60, 0, 0], [40, 30, 2], [0, 19, 1]])
@@ -127,15 +127,6 @@ def test_fd_needs_imagenet_weights_and_known_thing_classes(tmp_path: Path):
         ImageNetFeatureDistance(_student(tmp_path, False), torch.device("cpu"), (3,))
     with pytest.raises(UserError, match="outside the model's 4 classes"):
         ImageNetFeatureDistance(_student(tmp_path, True), torch.device("cpu"), (3, 11))
-
-
-@pytest.fixture(scope="module")
-def warm(tiny_bench: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("warm")
-    cfg = tiny_warmup(tiny_bench)
-    cfg.loop.iterations = 2
-    warmup.run(cfg, out)
-    return out / "model.pt"
 
 
 def _cfg(bench: Path) -> adapt.AdaptConfig:
