@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -222,24 +222,30 @@ def test_memory_bank_gather_hook_and_oversized_push() -> None:
     torch.testing.assert_close(all_gather_rows(ids), ids)  # no process group: identity
 
 
-def _gather_worker(rank: int, init_file: str, out_dir: str) -> None:
+def _two_rank_worker(rank: int, init_file: str, out_dir: str, compute: Callable) -> None:
     torch.distributed.init_process_group("gloo", f"file://{init_file}", rank=rank, world_size=2)
-    rows = 2 + rank  # uneven: rank 0 sends 2 rows, rank 1 sends 3
-    ids = torch.arange(rows) + 10 * rank
-    bank = MemoryBank(length=8, dim=16)  # default gather: all_gather_rows
-    bank.push(one_hot_rows(ids, 16), ids)
-    torch.save(bank.get(), f"{out_dir}/rank{rank}.pt")
+    torch.save(compute(rank), f"{out_dir}/rank{rank}.pt")
     torch.distributed.barrier()
     torch.distributed.destroy_process_group()
 
 
+def on_two_gloo_ranks(compute: Callable, tmp_path: Path) -> list:
+    """``compute(rank)`` in each of 2 gloo processes; the results of ranks 0 and 1."""
+    args = (str(tmp_path / "init"), str(tmp_path), compute)
+    torch.multiprocessing.spawn(_two_rank_worker, args=args, nprocs=2, join=True)
+    return [torch.load(tmp_path / f"rank{rank}.pt") for rank in (0, 1)]
+
+
+def _gather_uneven_rows(rank: int) -> tuple:
+    ids = torch.arange(2 + rank) + 10 * rank  # uneven: rank 0 sends 2 rows, rank 1 sends 3
+    bank = MemoryBank(length=8, dim=16)  # default gather: all_gather_rows
+    bank.push(one_hot_rows(ids, 16), ids)
+    return bank.get()
+
+
 @pytest.mark.slow
 def test_memory_bank_all_gathers_uneven_rows_under_gloo(tmp_path: Path) -> None:
-    torch.multiprocessing.spawn(
-        _gather_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True
-    )
-    for rank in (0, 1):
-        features, labels = torch.load(tmp_path / f"rank{rank}.pt")
+    for features, labels in on_two_gloo_ranks(_gather_uneven_rows, tmp_path):
         assert labels.tolist() == [0, 1, 10, 11, 12]
         torch.testing.assert_close(features.argmax(1), labels)
 
@@ -265,22 +271,16 @@ def test_pooled_class_distribution_is_the_local_one_in_one_process() -> None:
     torch.testing.assert_close(pooled_class_distribution(labels, 3), class_distribution(labels, 3))
 
 
-def _pooled_worker(rank: int, init_file: str, out_dir: str) -> None:
-    torch.distributed.init_process_group("gloo", f"file://{init_file}", rank=rank, world_size=2)
+def _pooled_uneven(rank: int) -> torch.Tensor:
     labels = [torch.tensor([0, 0, 0, 1]), torch.tensor([2, IGNORE])][rank]  # uneven, one ignored
-    torch.save(pooled_class_distribution(labels, 3), f"{out_dir}/rank{rank}.pt")
-    torch.distributed.barrier()
-    torch.distributed.destroy_process_group()
+    return pooled_class_distribution(labels, 3)
 
 
 @pytest.mark.slow
 def test_pooled_class_distribution_counts_every_rank_under_gloo(tmp_path: Path) -> None:
-    torch.multiprocessing.spawn(
-        _pooled_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True
-    )
     expected = torch.tensor([3 / 5, 1 / 5, 1 / 5])  # the 5 valid pixels of both ranks together
-    for rank in (0, 1):
-        torch.testing.assert_close(torch.load(tmp_path / f"rank{rank}.pt"), expected)
+    for result in on_two_gloo_ranks(_pooled_uneven, tmp_path):
+        torch.testing.assert_close(result, expected)
 
 
 # ------------------------------------------------------------------------ rectification
