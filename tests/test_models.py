@@ -15,6 +15,7 @@ from safetensors.torch import save_file
 
 from pixcli.errors import UserError
 from pixcli.models import HEADS, SegmentorConfig, SegOutput, build_segmentor
+from pixcli.models.norm_statistics import frozen_norm_statistics
 
 TINY_BACKBONES = ["test_resnet", "pvt_v2_b0", "test_mambaout"]  # CNN, MiT-B0, NHWC output
 SIZES = [(64, 64), (64, 96)]
@@ -251,3 +252,25 @@ def test_learns_tiny_data(head: str) -> None:
         logits = F.interpolate(model(images).logits, size=(32, 32), mode="bilinear")
     accuracy = (logits.argmax(1) == labels).float().mean().item()
     assert accuracy > 0.95
+
+
+@pytest.mark.parametrize("momentum", [0.1, None])
+def test_frozen_norm_statistics_normalises_by_batch_but_keeps_running_statistics(
+    momentum: float | None,
+) -> None:
+    bn = torch.nn.BatchNorm2d(3, momentum=momentum).train()
+    x = 2.0 + 3.0 * torch.randn(4, 3, 5, 5, generator=torch.Generator().manual_seed(0))
+    bn(x)  # running statistics away from their initial values
+    mean, var, count = bn.running_mean.clone(), bn.running_var.clone(), bn.num_batches_tracked
+    count = count.clone()
+    y = x.flip(0) * 0.5 - 1.0
+    with frozen_norm_statistics(torch.nn.Sequential(bn)):
+        out = bn(y)
+    assert torch.equal(bn.running_mean, mean) and torch.equal(bn.running_var, var)
+    assert torch.equal(bn.num_batches_tracked, count) and bn.momentum == momentum
+    by_batch = (y - y.mean((0, 2, 3), keepdim=True)) / torch.sqrt(
+        y.var((0, 2, 3), unbiased=False, keepdim=True) + bn.eps
+    )
+    assert torch.allclose(out, by_batch, atol=1e-5)  # still the batch's statistics
+    bn(y)  # outside the block the running statistics move again
+    assert not torch.allclose(bn.running_mean, mean)

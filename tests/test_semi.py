@@ -315,3 +315,43 @@ def test_semi_ipixmatch_under_torchrun(tiny_bench: Path, init: Path, tmp_path: P
     done = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True)
     assert done.returncode == 0, done.stderr.decode()[-2000:]
     assert all(e["ipix_raw"] > 0 and e["ce_fp"] > 0 for e in _log(tmp_path))
+
+
+class PointwiseNorm(Pointwise):
+    """:class:`Pointwise` followed by a BatchNorm."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.norm = nn.BatchNorm2d(3)
+
+    def forward(self, x: Tensor, feature_dropout: float = 0.0) -> SegOutput:
+        logits = self.norm(super().forward(x, feature_dropout).logits)
+        return SegOutput(logits=logits, features=logits)
+
+
+@pytest.mark.parametrize("feature_perturbation", [True, False])
+def test_unimatch_fp_stream_leaves_batchnorm_running_statistics_alone(
+    feature_perturbation: bool,
+) -> None:
+    """With or without the FP forward, a step leaves the same running statistics."""
+    h = w = 8
+    images = [_normalised(2, h, w), _normalised(2, h, w).flip(0)]
+    full = geometry_to_tensor(CropGeometry((h, w), 0, 0, (h, w), False)).repeat(2, 1)
+    stats = []
+    for fp in (feature_perturbation, False):
+        torch.manual_seed(0)
+        student = PointwiseNorm()
+        teacher = copy.deepcopy(student).eval().requires_grad_(False)
+        method = Recorder(MethodSetup(num_classes=3, feature_dim=3, device=torch.device("cpu")))
+        semi = UniMatchConfig(confidence_threshold=0.0, feature_perturbation=fp)
+        step = UniMatchStep(
+            semi, SelfTrainingConfig(), Runtime(device=torch.device("cpu")), student, teacher,
+            method, torch.optim.SGD(student.parameters(), lr=0.0),
+            torch.amp.GradScaler("cuda", enabled=False),
+            _batches(images[:1], [full]), _batches(images, [full, full]),
+        )  # fmt: skip
+        logs = step(0)
+        assert ("ce_fp" in logs) == fp
+        stats.append((student.norm.running_mean.clone(), student.norm.running_var.clone()))
+    assert torch.equal(stats[0][0], stats[1][0]) and torch.equal(stats[0][1], stats[1][1])
+    assert not torch.equal(stats[0][0], torch.zeros(3))  # the other forwards did update them
