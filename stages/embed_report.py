@@ -9,6 +9,8 @@ silhouette) and draw their t-SNE embedding. Written into OUT:
 - ``tsne_<name>.png`` per checkpoint, and ``tsne_side_by_side.png`` when there are several;
 - ``report.json`` (settings and numbers per checkpoint), ``report.md`` (table and pictures);
 - ``manifest.json``.
+
+Under torchrun the main rank does all of it; the other ranks end at once.
 """
 
 from __future__ import annotations
@@ -74,7 +76,8 @@ class Embedding:
 
 
 def run(cfg: EmbedReportConfig, checkpoints: list[Path], out: Path) -> dict:
-    """Write the report into ``out`` and print its table; return ``report.json``'s content."""
+    """Write the report into ``out`` and print its table; return ``report.json``'s content
+    (under torchrun: on the main rank; the other ranks return ``{}`` at once)."""
     _check(cfg, checkpoints)
     timer = Timer()
     dataset = open_data(cfg.data, cfg.split, "--data")
@@ -86,18 +89,22 @@ def run(cfg: EmbedReportConfig, checkpoints: list[Path], out: Path) -> dict:
     if prepare_out_dir(out, "embed-report", inputs, to_dict(cfg)) is not None:
         return read_json(out / "report.json")
     runtime = setup_runtime(cfg.device, cfg.amp, cfg.seed)
+    # Under torchrun the main rank alone computes the report (t-SNE does not shard) and the
+    # ranks exchange nothing: all leave the process group here, so that none waits in a
+    # barrier for minutes of t-SNE (NCCL's watchdog gives up after 10), and the others end.
+    shutdown(runtime)
+    if not runtime.is_main:
+        return {}
     results = [
         _embed(cfg, path, name, dataset, runtime)
         for name, path in zip(names, checkpoints, strict=True)
     ]
     report = _report(cfg, dataset, results)
-    if runtime.is_main:
-        _write(out, dataset.taxonomy, results, report)
-        headline = {r.entry["name"]: {k: r.entry[k] for k in SCORES} for r in results}
-        write_manifest(out, "embed-report", to_dict(cfg), inputs, headline, timer.seconds())
-        title = f"pixel features on {cfg.data} ({cfg.split}, {report['labels']})"
-        print_table(embedding_table(report["checkpoints"], title))
-    shutdown(runtime)
+    _write(out, dataset.taxonomy, results, report)
+    headline = {r.entry["name"]: {k: r.entry[k] for k in SCORES} for r in results}
+    write_manifest(out, "embed-report", to_dict(cfg), inputs, headline, timer.seconds())
+    title = f"pixel features on {cfg.data} ({cfg.split}, {report['labels']})"
+    print_table(embedding_table(report["checkpoints"], title))
     return report
 
 

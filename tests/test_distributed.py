@@ -25,11 +25,12 @@ from pixcli.data.training_set import GlobalOrderSampler, SegTrainSet, infinite_l
 from pixcli.data.transforms import AugmentConfig
 from pixcli.engine import runtime as rt
 from pixcli.engine import trainer
+from pixcli.engine.embedding import TsneConfig
 from pixcli.engine.optim import lr_factor
 from pixcli.engine.runtime import Runtime, setup_runtime, to_device, unwrap
 from pixcli.engine.trainer import Interrupted
 from pixcli.models import SegmentorConfig, build_segmentor
-from stages import adapt, distill, warmup
+from stages import adapt, distill, embed_report, warmup
 from stages import eval as eval_stage
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -352,6 +353,25 @@ def test_two_processes_evaluate_to_the_same_metrics_as_one(tiny_bench: Path, tmp
     names = sorted(p.name for p in (tmp_path / "one" / "predictions").rglob("*.png"))
     assert len(names) == 3
     assert sorted(p.name for p in (tmp_path / "two" / "predictions").rglob("*.png")) == names
+
+
+@pytest.mark.slow
+def test_two_processes_write_the_embed_report_of_one(tiny_bench: Path, tmp_path: Path):
+    """The main rank computes and writes the report alone; rank 1 leaves at once, and the
+    run ends cleanly with the report of one process."""
+    model = SegmentorConfig(backbone="test_resnet", feature_dim=8)
+    ckpt = random_checkpoint(tmp_path / "m" / "model.pt", model)
+    data = f"cityscapes:{tiny_bench / 'target'}"
+    _torchrun("-m", "pixcli", "embed-report", "--checkpoint", str(ckpt), "--data", data,
+              "--device", "cpu", "--per-class", "4", "--set", "tsne.max_iter=250", "--set",
+              "tsne.perplexity=5", "--out", str(tmp_path / "two"))  # fmt: skip
+    tsne = TsneConfig(perplexity=5, max_iter=250)
+    cfg = embed_report.EmbedReportConfig(data=data, per_class=4, device="cpu", tsne=tsne)
+    one = embed_report.run(cfg, [ckpt], tmp_path / "one")
+    assert read_json(tmp_path / "two" / "report.json") == one
+    assert one["checkpoints"][0]["points"] > 0
+    files = sorted(p.name for p in (tmp_path / "one").iterdir())
+    assert sorted(p.name for p in (tmp_path / "two").iterdir()) == files
 
 
 @pytest.mark.slow

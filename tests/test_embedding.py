@@ -23,6 +23,7 @@ from pixcli.engine.embedding import (
     labels_on_grid,
     tsne_2d,
 )
+from pixcli.engine.runtime import Runtime
 from pixcli.errors import UserError
 from pixcli.models import SegmentorConfig
 from pixcli.plots import BLACK, WHITE, legend_image, scatter_panel, side_by_side
@@ -195,6 +196,22 @@ def test_unlabelled_data_is_labelled_by_the_predictions(checkpoints: list[Path],
     assert report["labels"] == "predictions" and report["side_by_side"] is None
     assert max(report["checkpoints"][0]["points_per_class"].values()) <= 3
     assert not (tmp_path / "out" / embed_report.SIDE_BY_SIDE).exists()
+
+
+def test_other_ranks_leave_at_once_and_write_nothing(
+    tiny_bench: Path, checkpoints: list[Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """Rank 1 of 2 neither embeds nor writes: the main rank computes the report alone."""
+    rank1 = Runtime(device=torch.device("cpu"), rank=1, world_size=2)
+    monkeypatch.setattr(embed_report, "setup_runtime", lambda *args: rank1)
+
+    def no_embedding(*args: object) -> None:
+        raise AssertionError("rank 1 computed an embedding")
+
+    monkeypatch.setattr(embed_report, "_embed", no_embedding)
+    out = tmp_path / "out"
+    assert embed_report.run(_config(f"cityscapes:{tiny_bench / 'target'}"), checkpoints, out) == {}
+    assert list(out.iterdir()) == []
 
 
 @pytest.mark.parametrize(
