@@ -19,6 +19,7 @@ from test_inference import PointwiseModel
 from tiny import tiny_warmup
 from typer.testing import CliRunner
 
+from pixcli.artifacts import load_checkpoint
 from pixcli.cli import app
 from pixcli.data.mixing import mix
 from pixcli.engine.inference import InferenceConfig, predict_logits, upsampled_logits
@@ -422,6 +423,18 @@ def test_adapt_pixl_uda_runs_every_term(tiny_bench: Path, warm: Path, tmp_path: 
     etas = [e["eta"] for e in steps]
     assert etas[0] == pytest.approx(0.2) and etas[-1] == pytest.approx(0.001)
     assert [e["entropy_crop"] for e in steps] == [0.0, 0.0, 1.0, 1.0]
+
+
+def test_adapt_pixl_with_projection_gives_the_student_a_projection_head(
+    tiny_bench: Path, warm: Path, tmp_path: Path
+):
+    assert load_checkpoint(warm)["model_config"]["proj_dim"] in (0, None)
+    cfg = _adapt_cfg(tiny_bench)
+    cfg.pixl.use_projection, cfg.pixl.proj_dim = True, 8
+    cfg.loop.iterations = 2
+    adapt.run(cfg, warm, tmp_path / "p")
+    assert load_checkpoint(tmp_path / "p" / "model.pt")["model_config"]["proj_dim"] == 8
+    assert all(e["dpa"] > 0 for e in _log(tmp_path / "p"))
 
 
 def test_cli_adapt_pixl_supervised_then_eval_with_multi_resolution(

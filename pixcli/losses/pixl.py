@@ -61,8 +61,9 @@ class PiXLConfig:
     apg: bool = True  # adaptive prototype generation, Eq. 8 (Table 4)
     dpa: bool = True  # drift pixel alignment, Eq. 6-7 (Table 4)
     # Pixel features: the decoder's (A.2: the ASPP/fusion output the classifier reads) or,
-    # when True, the model's projection head (model.proj_dim).
+    # when True, a projection head of proj_dim (the checkpoint's, or a new one).
     use_projection: bool = False
+    proj_dim: int = 256  # used with use_projection (pixcli's choice: PGPC's 256-d head)
     fd_thing_classes: tuple[int, ...] = CITYSCAPES_THING_CLASSES  # DAFormer/HRDA, A.3
     fd_min_ratio: float = 0.75  # a feature cell is "thing" when one thing class covers this share
 
@@ -72,7 +73,7 @@ class PiXLConfig:
         for name in ("eta_start", "eta_end"):
             if not 0.0 < getattr(self, name) < 1.0:
                 raise UserError(f"pixl.{name} must be in (0, 1), got {getattr(self, name)}")
-        for name in ("lambda_h", "lambda_fd", "lambda_dpa", "entropy_crop_start"):
+        for name in ("lambda_h", "lambda_fd", "lambda_dpa", "entropy_crop_start", "proj_dim"):
             if getattr(self, name) < 0:
                 raise UserError(f"pixl.{name} must be >= 0, got {getattr(self, name)}")
         if self.tau <= 0:

@@ -61,7 +61,7 @@ from pixcli.losses.pixl import (
 )
 from pixcli.losses.self_training import weighted_cross_entropy
 from pixcli.methods.base import Method, MethodSetup, StepContext
-from pixcli.models.segmentor import SegOutput
+from pixcli.models.segmentor import Segmentor, SegOutput, add_projection_head
 
 
 @dataclass
@@ -140,6 +140,10 @@ class PiXL(Method):
         self._imagenet: ImageNetFeatureDistance | None = None  # frozen copy, not a module
 
     # -- hooks ------------------------------------------------------------------------
+    def prepare_student(self, student: Segmentor) -> None:
+        if self.cfg.use_projection:
+            add_projection_head(student, self.cfg.proj_dim)
+
     def student_input(self, image: Tensor) -> Tensor:
         """X^L: the crop resized by ``lr_scale`` (antialiased bilinear, as inference)."""
         return resize_map(image, low_resolution_size(tuple(image.shape[-2:]), self.cfg.lr_scale))
