@@ -7,8 +7,9 @@
 Each measurement runs in its own process so that peak memory is its own.
 - ``loop``: `stages.warmup.run` for real (data from disk, augmentation, schedule, logging,
   checkpoints) on the built-in benchmark; it/s over the steps after the first log window.
-- ``bare``: the same model, batch and crop: forward, cross-entropy, backward, SGD step on a
-  batch already in memory. Overhead = bare it/s / loop it/s - 1 (goal: under 10%).
+- ``bare``: the same model, batch, crop and optimiser (the recipe's, e.g. the demo's AdamW):
+  forward, cross-entropy, backward, optimiser step on a batch already in memory.
+  Overhead = bare it/s / loop it/s - 1 (goal: under 10%).
 - ``eval``: `pixcli eval`'s inference over target val (whole image), images/s.
 """
 
@@ -36,11 +37,13 @@ from benchmarks.common import (  # noqa: E402
     timed,
 )
 from pixcli.data.benchmark import BenchmarkConfig, make_benchmark  # noqa: E402
+from pixcli.engine.optim import OptimConfig, build_optimizer  # noqa: E402
 from pixcli.models import SegmentorConfig, build_segmentor  # noqa: E402
 from stages.demo import demo_warmup  # noqa: E402
 from stages.warmup import WarmupConfig  # noqa: E402
 
 PAPER_MODEL = SegmentorConfig(backbone="resnet101", head="deeplabv2", output_stride=8)
+PAPER_OPTIM = OptimConfig(name="sgd", lr=2.5e-4, momentum=0.9)  # CPSL/ProDA warm-up
 QUICK_BENCHMARK = BenchmarkConfig(width=64, height=32, n_source=8, n_target_train=2, n_target_val=2)
 
 
@@ -56,9 +59,11 @@ def setting(quick: bool) -> WarmupConfig:
     )  # fmt: skip
 
 
-def measure_bare(model_cfg: SegmentorConfig, batch: int, crop: tuple[int, int], reps: int) -> dict:
+def measure_bare(
+    model_cfg: SegmentorConfig, optim: OptimConfig, batch: int, crop: tuple[int, int], reps: int
+) -> dict:
     model = build_segmentor(model_cfg).train()
-    opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+    opt = build_optimizer(model.param_groups(optim.lr, optim.head_lr_mult), optim)
     x = torch.randn(batch, 3, *crop)
     y = torch.randint(0, model_cfg.num_classes, (batch, *crop))
 
@@ -106,11 +111,11 @@ def one(name: str, bench: Path, quick: bool) -> dict:
     if name == "demo-loop":
         return measure_loop(bench, demo, 4, 1) if quick else measure_loop(bench, demo, 60, 10)
     if name == "demo-bare":
-        return measure_bare(demo.model, demo.batch_size, crop, 2 if quick else 20)
+        return measure_bare(demo.model, demo.optim, demo.batch_size, crop, 2 if quick else 20)
     if name == "demo-eval":
         return measure_eval(demo.model, (bcfg.height, bcfg.width), 2 if quick else 20)
     if name == "paper-bare":
-        return measure_bare(PAPER_MODEL, 1, (512, 1024), 2)
+        return measure_bare(PAPER_MODEL, PAPER_OPTIM, 1, (512, 1024), 2)
     if name == "paper-eval":
         return measure_eval(PAPER_MODEL, (512, 1024), 2)
     raise ValueError(name)

@@ -206,8 +206,8 @@ def distill(
     student_init: Annotated[
         str | None,
         typer.Option(
-            help="The student: pretrained (timm), scratch, weights:FILE (backbone) or "
-            "checkpoint:FILE (default: pretrained)."
+            help="The student: pretrained (timm), scratch, teacher (each round's teacher), "
+            "weights:FILE (backbone) or checkpoint:FILE (default: pretrained)."
         ),
     ] = None,
     threshold: Annotated[

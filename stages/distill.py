@@ -9,7 +9,10 @@ in ``OUT/round{r}/``:
 2. ``student_init.pt``: the student as ``student_init`` says (``pretrained``: timm's weights
    for the teacher's architecture; ``scratch``; ``weights:FILE``: a local backbone weights
    file, e.g. a self-supervised one as ProDA's SimCLRv2 ResNet-101; ``checkpoint:FILE``: the
-   weights and architecture of a pixcli checkpoint with the same classes);
+   weights and architecture of a pixcli checkpoint with the same classes; ``teacher``: the
+   round's teacher itself, weights and all: the student continues from its teacher, as a
+   fine-tuning on the teacher's labels; pixcli's option for when there is no pretrained
+   backbone to start a fresh student from, as on the CPU demo);
 3. ``train/``: ``stages.adapt --method distill`` from that student (source cross-entropy,
    cross-entropy on the confident hard labels and KL to the teacher's soft labels on the
    strong view; ``pixcli.methods.distill``). Resumes from its ``last.pt``;
@@ -60,7 +63,7 @@ from stages import eval as eval_stage
 from stages.common import Timer, open_data, open_labelled, prepare_out_dir
 
 ROUND_STAGE = "distill-round"
-INIT_KINDS = ("pretrained", "scratch", "weights", "checkpoint")
+INIT_KINDS = ("pretrained", "scratch", "teacher", "weights", "checkpoint")
 
 
 @dataclass
@@ -162,8 +165,8 @@ def _parse_init(spec: str) -> tuple[str, Path | None]:
     needs_file = kind in ("weights", "checkpoint")
     if kind not in INIT_KINDS or needs_file != bool(sep and path):
         raise UserError(
-            f"--student-init {spec!r}: expected pretrained, scratch, weights:FILE or "
-            "checkpoint:FILE"
+            f"--student-init {spec!r}: expected pretrained, scratch, teacher, weights:FILE "
+            "or checkpoint:FILE"
         )
     if needs_file and not Path(path).is_file():
         raise UserError(f"--student-init {spec}: file not found")
@@ -254,10 +257,13 @@ def _adapt_config(cfg: DistillConfig, pseudo: Path, seed: int) -> adapt.AdaptCon
 def build_student(spec: str, teacher: dict, seed: int) -> dict:
     """The initial student as a checkpoint dict, for the classes of ``teacher`` (a loaded
     checkpoint): its architecture with timm's weights (``pretrained``), random
-    (``scratch``) or a local backbone file (``weights:FILE``); or another checkpoint's
-    architecture and weights (``checkpoint:FILE``). Decode heads are random (seeded)."""
+    (``scratch``) or a local backbone file (``weights:FILE``), decode heads random (seeded);
+    or another checkpoint's architecture and weights (``checkpoint:FILE``), or the
+    teacher's (``teacher``)."""
     kind, path = _parse_init(spec)
-    if kind == "checkpoint":
+    if kind == "teacher":
+        config, state = teacher["model_config"], teacher["state_dict"]
+    elif kind == "checkpoint":
         assert path is not None
         try:
             other = load_checkpoint(path)

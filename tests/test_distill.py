@@ -273,6 +273,26 @@ def test_student_init_variants(teacher: Path, tmp_path: Path):
     assert body and all(torch.equal(v, saved[k]) for k, v in body.items())
 
 
+def test_student_init_teacher_starts_each_round_from_its_teacher(
+    tiny_bench: Path, teacher: Path, tmp_path: Path
+):
+    ckpt = load_checkpoint(teacher)
+    same = distill.build_student("teacher", ckpt, seed=5)
+    assert same["model_config"] == ckpt["model_config"]
+    assert all(torch.equal(v, same["state_dict"][k]) for k, v in ckpt["state_dict"].items())
+    out = tmp_path / "d"
+    cfg = _cfg(tiny_bench, student_init="teacher", val=None)
+    cfg.loop.iterations = 1
+    distill.run(cfg, teacher, out)
+    for r, round_teacher in ((1, teacher), (2, out / "round1" / "train" / "model.pt")):
+        init = load_checkpoint(out / f"round{r}" / "student_init.pt")
+        expected = load_checkpoint(round_teacher)["state_dict"]
+        assert init["meta"]["student_init"] == "teacher"
+        assert all(torch.equal(v, init["state_dict"][k]) for k, v in expected.items())
+    trained = load_checkpoint(out / "round1" / "train" / "model.pt")["state_dict"]
+    assert any(not torch.equal(v, trained[k]) for k, v in ckpt["state_dict"].items())
+
+
 def _other_classes(teacher: Path, path: Path) -> Path:
     ckpt = load_checkpoint(teacher)
     ckpt["classes"] = list(reversed(ckpt["classes"]))
