@@ -5,9 +5,10 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
+import torch
 from tiny import TINY_BENCHMARK, tiny_warmup
 
-from pixcli.artifacts import read_json
+from pixcli.artifacts import load_checkpoint, read_json
 from stages import demo
 
 
@@ -35,3 +36,8 @@ def test_tiny_demo_chains_every_stage_and_resumes(tmp_path: Path):
     again = demo.run(cfg, tmp_path / "demo")  # finished stages are skipped
     assert again["mIoU"] == summary["mIoU"]
     assert (tmp_path / "demo" / "adapt-cpsl" / "model.pt").stat().st_mtime_ns == mtime
+    # the distillation student starts from its teacher, the cpsl model (distill_student)
+    init = load_checkpoint(tmp_path / "demo" / "distill-cpsl" / "round1" / "student_init.pt")
+    cpsl = load_checkpoint(tmp_path / "demo" / "adapt-cpsl" / "model.pt")["state_dict"]
+    assert init["meta"]["student_init"] == "teacher"
+    assert all(torch.equal(v, init["state_dict"][k]) for k, v in cpsl.items())
