@@ -89,6 +89,7 @@ def test_examples_demo_toml_matches_the_demo_defaults():
         ("pixl_gta5_to_cityscapes.toml", "adapt.AdaptConfig"),
         ("pixl_cityscapes_semi.toml", "adapt.AdaptConfig"),
         ("pixl_cityscapes_supervised.toml", "adapt.AdaptConfig"),
+        ("pixl_benchmark.toml", "adapt.AdaptConfig"),
     ],
 )
 def test_every_example_loads_into_its_stage_config(name: str, stage: str):
@@ -109,6 +110,18 @@ def test_every_example_file_is_covered_by_a_test():
         "cpsl_distill_gta5_to_cityscapes.toml",
         "pgpc_gta5_to_cityscapes.toml",
         "pixl_gta5_to_cityscapes.toml", "pixl_cityscapes_semi.toml",
-        "pixl_cityscapes_supervised.toml",
+        "pixl_cityscapes_supervised.toml", "pixl_benchmark.toml",
     }  # fmt: skip
     assert {p.name for p in examples.glob("*.toml")} <= covered
+
+
+def test_pixl_benchmark_example_is_the_demo_adaptation_recipe_with_larger_crops():
+    from stages.adapt import AdaptConfig
+    from stages.demo import demo_adapt
+
+    cfg = load_config(
+        AdaptConfig, Path(__file__).parent.parent / "examples" / "pixl_benchmark.toml"
+    )
+    demo = demo_adapt()
+    assert (cfg.optim, cfg.batch_size, cfg.augment.flip) == (demo.optim, demo.batch_size, True)
+    assert cfg.augment.crop_size == (256, 256) and cfg.method == "pixl"
