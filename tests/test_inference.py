@@ -1,8 +1,10 @@
+import pytest
 import torch
 from torch import nn
 
 from pixcli.engine.inference import InferenceConfig, predict_logits, window_starts
 from pixcli.models import SegmentorConfig, build_segmentor
+from pixcli.errors import UserError
 from pixcli.models.segmentor import SegOutput
 
 
@@ -59,3 +61,32 @@ def test_flip_averages_both_directions():
     flipped = predict_logits(model, x, InferenceConfig(flip=True))
     # a pointwise model is flip-equivariant, so the average equals the plain prediction
     assert torch.allclose(plain, flipped, atol=1e-6)
+
+
+class ShapeSpy(PointwiseModel):
+    def __init__(self) -> None:
+        super().__init__()
+        self.shapes: list[tuple[int, ...]] = []
+
+    def forward(self, x: torch.Tensor) -> SegOutput:
+        self.shapes.append(tuple(x.shape[-2:]))
+        return super().forward(x)
+
+
+def test_scale_runs_the_model_on_the_resized_image_and_returns_input_size():
+    model = ShapeSpy()
+    x = torch.randn(2, 3, 10, 14)
+    out = predict_logits(model, x, InferenceConfig(scale=2.0))
+    assert model.shapes == [(20, 28)] and out.shape == (2, 4, 10, 14)
+    # a constant image stays constant under resizing: the same logits at any scale
+    flat = torch.ones(1, 3, 10, 14) * torch.tensor([0.3, -1.0, 2.0]).view(1, 3, 1, 1)
+    assert torch.allclose(
+        predict_logits(model, flat, InferenceConfig(scale=2.0)),
+        predict_logits(model, flat, InferenceConfig()),
+        atol=1e-5,
+    )
+
+
+def test_bad_scale_is_a_user_error():
+    with pytest.raises(UserError, match="eval.scale"):
+        InferenceConfig(scale=0.0)

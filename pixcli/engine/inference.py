@@ -37,8 +37,13 @@ class InferenceConfig:
     # prediction (tiles of that size at full resolution); see multi_resolution_logits.
     multi_resolution: bool = False
     multi_resolution_scale: float = 0.5  # PiXL A.4.2: 1024 windows, 512 inputs
+    # The image is resized by this before inference and the logits back to its size (for a
+    # model trained on rescaled images, e.g. examples/pixl_benchmark.toml's 2x crops).
+    scale: float = 1.0
 
     def __post_init__(self) -> None:
+        if self.scale <= 0:
+            raise UserError(f"eval.scale must be positive, got {self.scale}")
         if not 0.0 < self.multi_resolution_scale <= 1.0:
             raise UserError(
                 f"eval.multi_resolution_scale must be in (0, 1], got {self.multi_resolution_scale}"
@@ -135,7 +140,8 @@ def multi_resolution_logits(
 @torch.no_grad()
 def predict_logits(model: nn.Module, x: torch.Tensor, cfg: InferenceConfig) -> torch.Tensor:
     """Logits at input resolution, whole-image or sliding window, optionally flip-averaged;
-    with ``cfg.multi_resolution`` every window is :func:`multi_resolution_logits`."""
+    with ``cfg.multi_resolution`` every window is :func:`multi_resolution_logits`; with
+    ``cfg.scale`` all of it runs on the image resized by that factor."""
 
     def window_logits(crops: torch.Tensor) -> torch.Tensor:
         if cfg.multi_resolution:
@@ -150,10 +156,13 @@ def predict_logits(model: nn.Module, x: torch.Tensor, cfg: InferenceConfig) -> t
         stride = cfg.stride or (max(1, cfg.window[0] * 2 // 3), max(1, cfg.window[1] * 2 // 3))
         return slide_logits(model, inp, cfg.window, stride, cfg.window_batch, window_logits)
 
+    size = (int(x.shape[-2]), int(x.shape[-1]))
+    if cfg.scale != 1.0:
+        x = resize_map(x, (max(1, round(size[0] * cfg.scale)), max(1, round(size[1] * cfg.scale))))
     logits = once(x)
     if cfg.flip:
         logits = (logits + once(x.flip(-1)).flip(-1)) / 2
-    return logits
+    return resize_map(logits, size)
 
 
 @torch.no_grad()
@@ -183,6 +192,6 @@ def predict_on_grid(
         flipped = model(x.flip(-1))
         logits = (logits + flipped.logits.float().flip(-1)) / 2
         features = (features + flipped.features.float().flip(-1)) / 2
-    if cfg.window is not None or cfg.multi_resolution:
+    if cfg.window is not None or cfg.multi_resolution or cfg.scale != 1.0:
         logits = predict_logits(model, x, cfg)
     return GridPrediction(resize_map(logits, grid), resize_map(features, grid))
