@@ -3,8 +3,8 @@ import torch
 from torch import nn
 
 from pixcli.engine.inference import InferenceConfig, predict_logits, window_starts
-from pixcli.models import SegmentorConfig, build_segmentor
 from pixcli.errors import UserError
+from pixcli.models import SegmentorConfig, build_segmentor
 from pixcli.models.segmentor import SegOutput
 
 
