@@ -40,7 +40,8 @@ Choices:
   normalises a batch of clean and perturbed features together, half and half; a forward of
   perturbed features alone, run last in the step, would pull the running statistics towards
   dropout-scaled features that evaluation never sees (on the built-in benchmark, 1/8
-  labelled: 68.4 mIoU with the FP stream updating them, 74.6 with no FP stream at all).
+  labelled: 68.4 mIoU with the FP stream updating them, 73.4 without; 74.6 with no FP
+  stream at all).
 - UniMatch's labelled loss on Cityscapes is OHEM (``ProbOhemCrossEntropy2d``); here it is the
   loop's plain cross-entropy.
 """
