@@ -75,6 +75,14 @@ def test_examples_demo_toml_matches_the_demo_defaults():
     assert to_dict(load_config(WarmupConfig, example)) == to_dict(demo_warmup())
 
 
+def test_examples_demo_adapt_toml_matches_the_demo_adaptation_recipe():
+    from stages.adapt import AdaptConfig
+    from stages.demo import demo_adapt
+
+    example = Path(__file__).parent.parent / "examples" / "demo_adapt.toml"
+    assert to_dict(load_config(AdaptConfig, example)) == to_dict(demo_adapt())
+
+
 @pytest.mark.parametrize(
     ("name", "stage"),
     [
@@ -104,7 +112,7 @@ def test_every_example_loads_into_its_stage_config(name: str, stage: str):
 def test_every_example_file_is_covered_by_a_test():
     examples = Path(__file__).parent.parent / "examples"
     covered = {
-        "demo.toml", "gta5_to_cityscapes_deeplabv2.toml", "cityscapes_eval.toml",
+        "demo.toml", "demo_adapt.toml", "gta5_to_cityscapes_deeplabv2.toml", "cityscapes_eval.toml",
         "cpsl_gta5_to_cityscapes.toml", "cpsl_synthia_to_cityscapes.toml",
         "ipixmatch_cityscapes_init.toml", "ipixmatch_cityscapes.toml",
         "cpsl_distill_gta5_to_cityscapes.toml",
