@@ -182,8 +182,8 @@ def predict_on_grid(
     are exactly the classifier applied to these features. With a sliding window the logits
     are :func:`predict_logits` at input resolution, resized down to ``grid``, while the
     features still come from one whole-image pass: gathering them window by window would
-    mean ``D`` channels at input resolution. ``cfg.multi_resolution`` likewise takes the
-    logits from :func:`predict_logits`. Both are resized only when the model's own
+    mean ``D`` channels at input resolution. ``cfg.multi_resolution`` and ``cfg.scale``
+    likewise take the logits from :func:`predict_logits`. Both are resized only when the model's own
     output grid differs from ``grid`` (see :func:`resize_map`).
     """
     out = model(x)
