@@ -67,6 +67,11 @@ def resize_map(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     return F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=shrink)
 
 
+def scaled_size(size: tuple[int, int], scale: float) -> tuple[int, int]:
+    """``size`` (h, w) times ``scale``, each side rounded and at least 1."""
+    return max(1, round(size[0] * scale)), max(1, round(size[1] * scale))
+
+
 def upsampled_logits(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """The model's logits bilinearly resized to the input's size."""
     logits = model(x).logits
@@ -131,7 +136,7 @@ def multi_resolution_logits(
     ``scale = 1`` both are the plain prediction of ``x``.
     """
     h, w = x.shape[-2:]
-    size = (max(1, round(h * scale)), max(1, round(w * scale)))
+    size = scaled_size((h, w), scale)
     low = resize_map(upsampled_logits(model, resize_map(x, size)), (h, w))
     high = slide_logits(model, x, size, size, batch)
     return (low + high) / 2
@@ -158,7 +163,7 @@ def predict_logits(model: nn.Module, x: torch.Tensor, cfg: InferenceConfig) -> t
 
     size = (int(x.shape[-2]), int(x.shape[-1]))
     if cfg.scale != 1.0:
-        x = resize_map(x, (max(1, round(size[0] * cfg.scale)), max(1, round(size[1] * cfg.scale))))
+        x = resize_map(x, scaled_size(size, cfg.scale))
     logits = once(x)
     if cfg.flip:
         logits = (logits + once(x.flip(-1)).flip(-1)) / 2
