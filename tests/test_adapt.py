@@ -115,6 +115,23 @@ def test_supervised_setting_has_no_unlabelled_stream(tiny_bench: Path, warm: Pat
     assert "ce_labelled" in log and "ce_unlabelled" not in log
 
 
+def test_ohem_labelled_loss_is_at_least_the_plain_one(tiny_bench: Path, warm: Path, tmp_path: Path):
+    """Same model and first batch: OHEM averages the hardest pixels' CE, so it is larger (the
+    untrained model gives every label p < 0.7: a lower threshold makes the cut)."""
+    first = {}
+    for loss in ("ce", "ohem"):
+        cfg = _cfg(tiny_bench, setting="supervised", target=None)
+        cfg.loop.iterations, cfg.loop.log_every = 1, 1
+        cfg.self_training.labelled_loss, cfg.self_training.ohem_threshold = loss, 0.05
+        adapt.run(cfg, warm, tmp_path / loss)
+        lines = (tmp_path / loss / "train_log.jsonl").read_text().splitlines()
+        first[loss] = next(e["ce_labelled"] for e in map(json.loads, lines) if "ce_labelled" in e)
+    assert first["ohem"] > first["ce"] > 0
+    cfg.self_training.labelled_loss = "focal"
+    with pytest.raises(UserError, match="self_training.labelled_loss 'focal'"):
+        adapt.run(cfg, warm, tmp_path / "focal")
+
+
 @pytest.mark.parametrize(
     ("changes", "message"),
     [

@@ -32,10 +32,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from pixcli.data.mixing import classmix_masks, mix, strong_view
+from pixcli.data.taxonomy import IGNORE_INDEX
 from pixcli.data.training_set import inside_image
 from pixcli.engine.imagenet_fd import ImageNetFeatureDistance
 from pixcli.engine.runtime import Runtime, average_gradients, unwrap
+from pixcli.errors import UserError
 from pixcli.losses.feature_distance import CITYSCAPES_THING_CLASSES
+from pixcli.losses.ohem import ohem_cross_entropy
 from pixcli.losses.self_training import (
     ema_momentum,
     ema_update,
@@ -43,6 +46,8 @@ from pixcli.losses.self_training import (
     weighted_cross_entropy,
 )
 from pixcli.methods.base import Method, StepContext, StrongView
+
+LABELLED_LOSSES = ("ce", "ohem")
 
 
 @dataclass
@@ -57,6 +62,10 @@ class SelfTrainingConfig:
     strong_blur_prob: float = 0.5  # DACS blur probability
     unlabelled_weight: float = 1.0  # weight of the unlabelled (mixed) CE term
     consistency: str = "auto"  # dacs | unimatch (semi_step); auto: unimatch for --setting semi
+    # The labelled loss: ce | ohem (UniMatch's on Cityscapes, pixcli.losses.ohem)
+    labelled_loss: str = "ce"
+    ohem_threshold: float = 0.7  # UniMatch configs/cityscapes.yaml: thresh 0.7
+    ohem_min_kept_share: float = 0.156  # UniMatch: min_kept 200000 of 2 crops of 801x801
     # Rare-class sampling of the labelled stream (DAFormer Sec. 3.3, Eq. 6-7)
     rare_class_sampling: bool = False  # off by default (DAFormer turns it on)
     rcs_temperature: float = 0.01  # T of DAFormer Eq. 7
@@ -88,6 +97,11 @@ class SelfTrainingStep:
         unlabelled: Iterator[dict] | None,
         seed: int = 0,
     ) -> None:
+        if cfg.labelled_loss not in LABELLED_LOSSES:
+            raise UserError(
+                f"self_training.labelled_loss {cfg.labelled_loss!r}: expected one of "
+                f"{', '.join(LABELLED_LOSSES)}"
+            )
         self.cfg = cfg
         self.runtime = runtime
         self.student = student
@@ -123,10 +137,8 @@ class SelfTrainingStep:
                 losses["fd"] = self.cfg.feature_distance * fd
             else:
                 ctx.student_labelled = self.student(image)
-            losses["ce_labelled"] = self.labelled_weight * F.cross_entropy(
-                full_size(ctx.student_labelled.logits, ctx.labelled_image),
-                ctx.labelled_label,
-                ignore_index=255,
+            losses["ce_labelled"] = self.labelled_weight * self._labelled_loss(
+                full_size(ctx.student_labelled.logits, ctx.labelled_image), ctx.labelled_label
             )
             if self.unlabelled is not None:
                 losses["ce_unlabelled"] = self.cfg.unlabelled_weight * self._unlabelled(ctx)
@@ -145,6 +157,13 @@ class SelfTrainingStep:
         logs = {k: float(v.detach()) for k, v in losses.items()}
         logs.update({k: float(v) for k, v in ctx.extras.items()})
         return logs
+
+    def _labelled_loss(self, logits: Tensor, labels: Tensor) -> Tensor:
+        if self.cfg.labelled_loss == "ohem":
+            return ohem_cross_entropy(
+                logits, labels, self.cfg.ohem_threshold, self.cfg.ohem_min_kept_share
+            )
+        return F.cross_entropy(logits.float(), labels, ignore_index=IGNORE_INDEX)
 
     def _unlabelled(self, ctx: StepContext) -> Tensor:
         assert self.unlabelled is not None

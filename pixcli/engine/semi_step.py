@@ -43,7 +43,8 @@ Choices:
   labelled: 68.4 mIoU with the FP stream updating them, 73.4 without; 74.6 with no FP
   stream at all).
 - UniMatch's labelled loss on Cityscapes is OHEM (``ProbOhemCrossEntropy2d``); here it is the
-  loop's plain cross-entropy.
+  loop's, plain cross-entropy unless ``self_training.labelled_loss = "ohem"``
+  (:mod:`pixcli.losses.ohem`).
 """
 
 from __future__ import annotations
