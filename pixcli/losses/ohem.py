@@ -30,18 +30,18 @@ def ohem_cross_entropy(
 ) -> Tensor:
     """Mean CE over the hard pixels. ``logits`` (B, C, H, W) at the labels' resolution;
     ``labels`` (B, H, W), 255 ignored."""
-    ce = F.cross_entropy(logits.float(), labels, ignore_index=IGNORE_INDEX, reduction="none")
-    valid = labels != IGNORE_INDEX
-    n_valid = int(valid.sum())
+    ce_all = F.cross_entropy(logits.float(), labels, ignore_index=IGNORE_INDEX, reduction="none")
+    ce = ce_all[labels != IGNORE_INDEX]
+    n_valid = ce.numel()
     min_kept = int(min_kept_share * n_valid)
     if n_valid == 0:
-        return ce.sum() * 0.0
+        return ce_all.sum() * 0.0
     if n_valid <= min_kept:
-        return ce[valid].mean()
-    label_prob = torch.exp(-ce.detach())[valid]  # softmax probability of the label
+        return ce.mean()
+    label_prob = torch.exp(-ce.detach())  # softmax probability of the label
     cut = torch.tensor(threshold, device=ce.device, dtype=label_prob.dtype)
     if min_kept > 0:
         kth = torch.kthvalue(label_prob, min_kept).values
         cut = torch.maximum(cut, kth)
     kept = (label_prob <= cut).float()
-    return (ce[valid] * kept).sum() / kept.sum().clamp_min(1.0)
+    return (ce * kept).sum() / kept.sum().clamp_min(1.0)
