@@ -47,6 +47,13 @@ WindowOpt = Annotated[
 ]
 StrideOpt = Annotated[str | None, typer.Option(help="Window stride HxW.")]
 FlipOpt = Annotated[bool | None, typer.Option("--flip", help="Average with flipped input.")]
+LabeledFractionOpt = Annotated[
+    float | None,
+    typer.Option(help="Labelled share (seeded split): semi of --target, otherwise of --source."),
+]
+LabeledListOpt = Annotated[
+    Path | None, typer.Option(help="File of labelled image names (labelled.txt of a run).")
+]
 CompileOpt = Annotated[
     bool | None,
     typer.Option("--compile", help="torch.compile the trained model (slow to start; for GPUs)."),
@@ -108,6 +115,8 @@ def warmup(
         bool | None,
         typer.Option("--adversarial", help="Output-space adversarial warm-up (AdaptSegNet)."),
     ] = None,
+    labeled_fraction: LabeledFractionOpt = None,
+    labeled_list: LabeledListOpt = None,
     iterations: IterationsOpt = None,
     batch_size: Annotated[int | None, typer.Option(help="Images per batch.")] = None,
     lr: LrOpt = None,
@@ -136,6 +145,8 @@ def warmup(
 
     named = {
         "source": source, "val": val, "target": target, "adversarial.enabled": adversarial,
+        "labeled_fraction": labeled_fraction,
+        "labeled_list": str(labeled_list) if labeled_list else None,
         "loop.iterations": iterations, "batch_size": batch_size, "optim.lr": lr,
         "model.backbone": backbone, "model.head": head, "model.pretrained": pretrained,
         "model.weights_file": str(weights_file) if weights_file else None,
@@ -157,12 +168,8 @@ def adapt(
     pseudo: Annotated[Path | None, typer.Option(help="pseudo.h5 from pixcli pseudolabel.")] = None,
     val: ValOpt = None,
     setting: Annotated[str | None, typer.Option(help="uda, semi or supervised.")] = None,
-    labeled_fraction: Annotated[
-        float | None, typer.Option(help="semi: labelled share of the target (seeded split).")
-    ] = None,
-    labeled_list: Annotated[
-        Path | None, typer.Option(help="semi: file of labelled image names.")
-    ] = None,
+    labeled_fraction: LabeledFractionOpt = None,
+    labeled_list: LabeledListOpt = None,
     out: OutOpt = Path("runs/adapt"),
     iterations: IterationsOpt = None,
     batch_size: Annotated[int | None, typer.Option(help="Images per batch and stream.")] = None,

@@ -2,11 +2,13 @@
 
 Settings: ``uda`` (labelled source + unlabelled target), ``semi`` (a labelled part of the
 target + the rest unlabelled; ``--labeled-fraction`` or ``--labeled-list``), ``supervised``
-(labelled data only). The unlabelled step is DACS's (``pixcli.engine.self_training``) or,
-by default for ``semi``, UniMatch's (``pixcli.engine.semi_step``; ``self_training.consistency``
-chooses). Writes ``model.pt`` (the last student), ``best.pt`` (best on
-``--val``), ``last.pt`` (resumable), ``train_log.jsonl``, ``manifest.json``, and for ``semi``
-``labelled.txt`` / ``unlabelled.txt``.
+(labelled data only; with ``--labeled-fraction`` / ``--labeled-list``, the share of
+``--source`` that ``semi`` would label: its labelled-only baseline). The unlabelled step is
+DACS's (``pixcli.engine.self_training``) or, by default for ``semi``, UniMatch's
+(``pixcli.engine.semi_step``; ``self_training.consistency`` chooses). Writes ``model.pt`` (the
+last student), ``best.pt`` (best on ``--val``), ``last.pt`` (resumable), ``train_log.jsonl``,
+``manifest.json``, and with a labelled share ``labelled.txt`` (+ ``unlabelled.txt`` for
+``semi``).
 """
 
 from __future__ import annotations
@@ -15,12 +17,11 @@ import copy
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
-
 from pixcli.artifacts import file_fingerprint, write_manifest
 from pixcli.config import to_dict
 from pixcli.data.rare_class import RareClassSampler, class_pixel_counts
 from pixcli.data.readers import SegDataset, open_dataset
+from pixcli.data.splits import labelled_share, write_split
 from pixcli.data.training_set import SegTrainSet, infinite_loader
 from pixcli.data.transforms import AugmentConfig
 from pixcli.engine.evaluation import evaluate_dataset
@@ -54,8 +55,8 @@ class AdaptConfig:
     val: str | None = None
     val_split: str = "val"
     pseudo: str | None = None  # pseudo.h5 (cpsl)
-    labeled_fraction: float | None = None  # semi: labelled share of the target
-    labeled_list: str | None = None  # semi: file with one labelled image name per line
+    labeled_fraction: float | None = None  # labelled share of the target (semi) or source
+    labeled_list: str | None = None  # or a file with one labelled image name per line
     eval_model: str = "student"  # which network val and model.pt use: student | teacher
     seed: int = 0
     device: str = "auto"
@@ -78,53 +79,36 @@ class AdaptConfig:
     pixl: PiXLConfig = field(default_factory=PiXLConfig)  # [pixl] section, --method pixl
 
 
-def split_labelled(
-    dataset: SegDataset, fraction: float | None, listing: Path | None, seed: int
-) -> tuple[list[int], list[int]]:
-    """Labelled and unlabelled indices: a seeded random ``fraction`` or the names listed."""
-    n = len(dataset)
-    if listing is not None:
-        if not listing.is_file():
-            raise UserError(f"--labeled-list {listing}: file not found")
-        wanted = {line.strip() for line in listing.read_text().splitlines() if line.strip()}
-        names = [item[2] for item in dataset.items]
-        unknown = sorted(wanted - set(names))
-        if unknown:
-            raise UserError(f"--labeled-list {listing}: '{unknown[0]}' is not in the dataset")
-        labelled = [i for i, name in enumerate(names) if name in wanted]
-    elif fraction is not None:
-        if not 0 < fraction < 1:
-            raise UserError(f"--labeled-fraction {fraction}: must lie between 0 and 1")
-        order = np.random.default_rng(seed).permutation(n)
-        labelled = sorted(int(i) for i in order[: max(1, round(fraction * n))])
-    else:
-        raise UserError("--setting semi needs --labeled-fraction F or --labeled-list FILE")
-    chosen = set(labelled)
-    return labelled, [i for i in range(n) if i not in chosen]
+def _labelled_share_asked(cfg: AdaptConfig) -> bool:
+    return cfg.labeled_fraction is not None or bool(cfg.labeled_list)
 
 
-def _streams(cfg: AdaptConfig, out: Path, is_main: bool) -> tuple[SegDataset, SegDataset | None]:
+def _streams(cfg: AdaptConfig) -> tuple[SegDataset, SegDataset | None]:
     """The labelled and unlabelled datasets of the setting."""
     if cfg.setting not in SETTINGS:
         raise UserError(f"--setting {cfg.setting}: expected one of {', '.join(SETTINGS)}")
     if cfg.setting == "semi":
         if not cfg.target:
             raise UserError("--setting semi needs --target (the partly labelled data)")
+        if cfg.labeled_fraction is None and not cfg.labeled_list:
+            raise UserError("--setting semi needs --labeled-fraction F or --labeled-list FILE")
         target = open_dataset(cfg.target, cfg.target_split)
-        listing = Path(cfg.labeled_list) if cfg.labeled_list else None
-        lab, unlab = split_labelled(target, cfg.labeled_fraction, listing, cfg.seed)
-        if is_main:
-            for name, idx in (("labelled", lab), ("unlabelled", unlab)):
-                (out / f"{name}.txt").write_text("".join(target.items[i][2] + "\n" for i in idx))
-        labelled = target.subset(lab)
+        labelled, unlabelled = labelled_share(
+            target, cfg.labeled_fraction, cfg.labeled_list, cfg.seed
+        )
         if not labelled.has_labels:
             raise UserError(f"--target {cfg.target}: the labelled part has no label files")
-        return labelled, target.subset(unlab) if unlab else None
+        return labelled, unlabelled
     if not cfg.source:
         raise UserError(f"--setting {cfg.setting} needs --source (KIND:PATH of labelled data)")
     source = open_labelled(cfg.source, cfg.source_split, "--source")
     if cfg.setting == "supervised":
-        return source, None
+        if not _labelled_share_asked(cfg):
+            return source, None
+        # the labelled-only baseline of a semi run: the same split of the same images
+        return labelled_share(source, cfg.labeled_fraction, cfg.labeled_list, cfg.seed)[0], None
+    if _labelled_share_asked(cfg):
+        raise UserError("--labeled-fraction / --labeled-list: for --setting semi or supervised")
     if not cfg.target:
         raise UserError("--setting uda needs --target (KIND:PATH of unlabelled target data)")
     return source, open_dataset(cfg.target, cfg.target_split)
@@ -161,7 +145,7 @@ def run(cfg: AdaptConfig, checkpoint: Path, out: Path) -> dict:
     timer = Timer()
     out.mkdir(parents=True, exist_ok=True)
     runtime = setup_runtime(cfg.device, cfg.amp, cfg.seed, cfg.channels_last)
-    labelled, unlabelled = _streams(cfg, out, runtime.is_main)
+    labelled, unlabelled = _streams(cfg)
     val = open_labelled(cfg.val, cfg.val_split, "--val") if cfg.val else None
     inputs = {"checkpoint": file_fingerprint(checkpoint), "labelled": labelled.fingerprint()}
     if unlabelled is not None:
@@ -172,6 +156,8 @@ def run(cfg: AdaptConfig, checkpoint: Path, out: Path) -> dict:
     if done is not None:
         shutdown(runtime)
         return done
+    if runtime.is_main and _labelled_share_asked(cfg):
+        write_split(out, labelled, unlabelled)
 
     student, ckpt = load_model_for(checkpoint, labelled, runtime)
     setup = MethodSetup(

@@ -1,5 +1,7 @@
 """``pixcli warmup``: source-only (or target-oracle) training, optionally with output-space
-adversarial alignment (AdaptSegNet), the warm-up that CPSL and ProDA start from."""
+adversarial alignment (AdaptSegNet), the warm-up that CPSL and ProDA start from; with
+``--labeled-fraction`` / ``--labeled-list``, on the labelled share of the source that
+``pixcli adapt --setting semi`` takes of the same data (written to ``labelled.txt``)."""
 
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ import torch.nn.functional as F
 from pixcli.artifacts import write_manifest
 from pixcli.config import to_dict
 from pixcli.data.readers import SegDataset, open_dataset
+from pixcli.data.splits import labelled_share, write_split
 from pixcli.data.training_set import SegTrainSet, infinite_loader
 from pixcli.data.transforms import AugmentConfig
 from pixcli.engine.evaluation import evaluate_dataset
@@ -52,6 +55,8 @@ class AdversarialConfig:
 class WarmupConfig:
     source: str = ""  # KIND:PATH, labelled
     source_split: str = "train"
+    labeled_fraction: float | None = None  # train on a seeded share of the source (as adapt's)
+    labeled_list: str | None = None  # or on the images named in this file
     val: str | None = None  # KIND:PATH, labelled; validated every loop.eval_every steps
     val_split: str = "val"
     target: str | None = None  # KIND:PATH, unlabelled target (adversarial only)
@@ -81,6 +86,9 @@ def run(cfg: WarmupConfig, out: Path) -> dict:
     timer = Timer()
     runtime = setup_runtime(cfg.device, cfg.amp, cfg.seed, cfg.channels_last)
     source = open_labelled(cfg.source, cfg.source_split, "--source")
+    share = cfg.labeled_fraction is not None or bool(cfg.labeled_list)
+    if share:
+        source = labelled_share(source, cfg.labeled_fraction, cfg.labeled_list, cfg.seed)[0]
     val = open_labelled(cfg.val, cfg.val_split, "--val") if cfg.val else None
     target = open_dataset(cfg.target, cfg.target_split) if cfg.adversarial.enabled else None
     taxonomy = source.taxonomy
@@ -94,6 +102,8 @@ def run(cfg: WarmupConfig, out: Path) -> dict:
     if done is not None:
         shutdown(runtime)
         return done
+    if share and runtime.is_main:
+        write_split(out, source, None)
     if val is not None and val.taxonomy.classes != taxonomy.classes:
         raise UserError(f"--val {cfg.val}: its classes differ from the source's")
 

@@ -11,6 +11,8 @@ from tiny import tiny_warmup
 
 from pixcli.artifacts import load_checkpoint
 from pixcli.data.mixing import classmix_masks, mix
+from pixcli.data.readers import open_dataset
+from pixcli.data.splits import split_labelled
 from pixcli.errors import UserError
 from pixcli.losses.self_training import (
     ema_momentum,
@@ -18,7 +20,7 @@ from pixcli.losses.self_training import (
     pseudo_labels_and_weights,
     weighted_cross_entropy,
 )
-from stages import adapt
+from stages import adapt, warmup
 
 
 def _cfg(bench: Path, **kw: object) -> adapt.AdaptConfig:
@@ -107,6 +109,49 @@ def test_semi_setting_writes_a_reproducible_split(tiny_bench: Path, warm: Path, 
     cfg2.loop.iterations = 1
     adapt.run(cfg2, warm, tmp_path / "s2")
     assert (tmp_path / "s2" / "labelled.txt").read_text().split() == lab
+
+
+def test_labelled_only_baselines_train_on_the_semi_split(
+    tiny_bench: Path, warm: Path, tmp_path: Path
+):
+    """``warmup`` and ``adapt --setting supervised`` with the same fraction and seed as a
+    ``semi`` run label the same images of the same data, and train on those alone."""
+    target = f"cityscapes:{tiny_bench / 'target'}"
+    semi = _cfg(tiny_bench, setting="semi", source=None, labeled_fraction=0.5, seed=4)
+    semi.loop.iterations = 1
+    adapt.run(semi, warm, tmp_path / "semi")
+    lab = (tmp_path / "semi" / "labelled.txt").read_text().split()
+    sup = _cfg(tiny_bench, setting="supervised", source=target, labeled_fraction=0.5, seed=4)
+    sup.loop.iterations = 1
+    adapt.run(sup, warm, tmp_path / "sup")
+    assert (tmp_path / "sup" / "labelled.txt").read_text().split() == lab
+    assert not (tmp_path / "sup" / "unlabelled.txt").exists()
+    pre = tiny_warmup(tiny_bench, source=target, labeled_fraction=0.5, seed=4)
+    pre.loop.iterations = 1
+    manifest = warmup.run(pre, tmp_path / "pre")
+    assert (tmp_path / "pre" / "labelled.txt").read_text().split() == lab
+    full = open_dataset(target, "train")
+    assert (
+        manifest["inputs"]["source"]
+        == full.subset([i for i, item in enumerate(full.items) if item[2] in lab]).fingerprint()
+    )
+    with pytest.raises(UserError, match="for --setting semi or supervised"):
+        adapt.run(_cfg(tiny_bench, labeled_fraction=0.5), warm, tmp_path / "uda")
+
+
+def test_split_labelled_is_seeded_and_listing_wins(tiny_bench: Path, tmp_path: Path):
+    ds = open_dataset(f"gta5:{tiny_bench / 'source'}", "train")  # 6 images
+    lab, unlab = split_labelled(ds, 0.5, None, seed=0)
+    assert len(lab) == 3 and sorted(lab + unlab) == list(range(6))
+    assert split_labelled(ds, 0.5, None, seed=0) == (lab, unlab)
+    assert any(split_labelled(ds, 0.5, None, seed=s)[0] != lab for s in range(1, 6))
+    assert len(split_labelled(ds, 0.01, None, seed=0)[0]) == 1  # never an empty share
+    listing = tmp_path / "names.txt"
+    listing.write_text(f"{ds.items[5][2]}\n\n{ds.items[1][2]}\n")
+    assert split_labelled(ds, 0.5, listing, seed=0) == ([1, 5], [0, 2, 3, 4])
+    listing.write_text("no_such_image\n")
+    with pytest.raises(UserError, match="'no_such_image' is not in the dataset"):
+        split_labelled(ds, None, listing, seed=0)
 
 
 def test_supervised_setting_has_no_unlabelled_stream(tiny_bench: Path, warm: Path, tmp_path: Path):
