@@ -98,6 +98,8 @@ def _streams(cfg: AdaptConfig) -> tuple[SegDataset, SegDataset | None]:
         )
         if not labelled.has_labels:
             raise UserError(f"--target {cfg.target}: the labelled part has no label files")
+        if unlabelled is None:
+            raise UserError("--setting semi: every image is labelled; use --setting supervised")
         return labelled, unlabelled
     if not cfg.source:
         raise UserError(f"--setting {cfg.setting} needs --source (KIND:PATH of labelled data)")

@@ -146,6 +146,7 @@ def test_split_labelled_is_seeded_and_listing_wins(tiny_bench: Path, tmp_path: P
     assert split_labelled(ds, 0.5, None, seed=0) == (lab, unlab)
     assert any(split_labelled(ds, 0.5, None, seed=s)[0] != lab for s in range(1, 6))
     assert len(split_labelled(ds, 0.01, None, seed=0)[0]) == 1  # never an empty share
+    assert split_labelled(ds, 1.0, None, seed=0) == (list(range(6)), [])
     listing = tmp_path / "names.txt"
     listing.write_text(f"{ds.items[5][2]}\n\n{ds.items[1][2]}\n")
     assert split_labelled(ds, 0.5, listing, seed=0) == ([1, 5], [0, 2, 3, 4])
@@ -184,7 +185,8 @@ def test_ohem_labelled_loss_is_at_least_the_plain_one(tiny_bench: Path, warm: Pa
         ({"setting": "weird"}, "--setting weird"),
         ({"target": None}, "needs --target"),
         ({"setting": "semi", "labeled_fraction": None}, "needs --labeled-fraction"),
-        ({"setting": "semi", "labeled_fraction": 1.5}, "between 0 and 1"),
+        ({"setting": "semi", "labeled_fraction": 1.5}, r"must lie in \(0, 1\]"),
+        ({"setting": "semi", "labeled_fraction": 1.0}, "every image is labelled"),
     ],
 )
 def test_adapt_user_errors(tiny_bench: Path, warm: Path, tmp_path: Path, changes, message):

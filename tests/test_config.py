@@ -98,6 +98,7 @@ def test_examples_demo_adapt_toml_matches_the_demo_adaptation_recipe():
         ("pixl_cityscapes_semi.toml", "adapt.AdaptConfig"),
         ("pixl_cityscapes_supervised.toml", "adapt.AdaptConfig"),
         ("pixl_benchmark.toml", "adapt.AdaptConfig"),
+        ("semi_benchmark.toml", "adapt.AdaptConfig"),
     ],
 )
 def test_every_example_loads_into_its_stage_config(name: str, stage: str):
@@ -118,9 +119,24 @@ def test_every_example_file_is_covered_by_a_test():
         "cpsl_distill_gta5_to_cityscapes.toml",
         "pgpc_gta5_to_cityscapes.toml",
         "pixl_gta5_to_cityscapes.toml", "pixl_cityscapes_semi.toml",
-        "pixl_cityscapes_supervised.toml", "pixl_benchmark.toml",
+        "pixl_cityscapes_supervised.toml", "pixl_benchmark.toml", "semi_benchmark.toml",
     }  # fmt: skip
     assert {p.name for p in examples.glob("*.toml")} <= covered
+
+
+def test_semi_benchmark_example_is_the_demo_adaptation_recipe_in_the_semi_setting():
+    from stages.adapt import AdaptConfig
+    from stages.demo import demo_adapt
+
+    example = Path(__file__).parent.parent / "examples" / "semi_benchmark.toml"
+    cfg = load_config(AdaptConfig, example)
+    demo = demo_adapt()
+    assert (cfg.optim, cfg.batch_size, cfg.augment) == (demo.optim, demo.batch_size, demo.augment)
+    assert (cfg.setting, cfg.labeled_fraction, cfg.self_training.labelled_loss) == (
+        "semi",
+        0.125,
+        "ohem",
+    )
 
 
 def test_pixl_benchmark_example_is_the_demo_adaptation_recipe_with_larger_crops():

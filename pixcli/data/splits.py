@@ -16,7 +16,7 @@ def split_labelled(
     dataset: SegDataset, fraction: float | None, listing: Path | None, seed: int
 ) -> tuple[list[int], list[int]]:
     """Labelled and unlabelled indices: the names in ``listing`` when given, else a seeded
-    random ``fraction`` (at least one image)."""
+    random ``fraction`` (at least one image; 1: all of them)."""
     n = len(dataset)
     if listing is not None:
         if not listing.is_file():
@@ -28,8 +28,8 @@ def split_labelled(
             raise UserError(f"--labeled-list {listing}: '{unknown[0]}' is not in the dataset")
         labelled = [i for i, name in enumerate(names) if name in wanted]
     elif fraction is not None:
-        if not 0 < fraction < 1:
-            raise UserError(f"--labeled-fraction {fraction}: must lie between 0 and 1")
+        if not 0 < fraction <= 1:
+            raise UserError(f"--labeled-fraction {fraction}: must lie in (0, 1]")
         order = np.random.default_rng(seed).permutation(n)
         labelled = sorted(int(i) for i in order[: max(1, round(fraction * n))])
     else:
