@@ -125,6 +125,7 @@ def test_every_example_file_is_covered_by_a_test():
 
 
 def test_semi_benchmark_example_is_the_demo_adaptation_recipe_in_the_semi_setting():
+    from pixcli.engine.semi_step import UniMatchConfig
     from stages.adapt import AdaptConfig
     from stages.demo import demo_adapt
 
@@ -132,10 +133,12 @@ def test_semi_benchmark_example_is_the_demo_adaptation_recipe_in_the_semi_settin
     cfg = load_config(AdaptConfig, example)
     demo = demo_adapt()
     assert (cfg.optim, cfg.batch_size, cfg.augment) == (demo.optim, demo.batch_size, demo.augment)
-    assert (cfg.setting, cfg.labeled_fraction, cfg.self_training.labelled_loss) == (
-        "semi",
-        0.125,
-        "ohem",
+    assert cfg.setting == "semi" and cfg.labeled_fraction == 0.125
+    assert cfg.self_training.labelled_loss == "ohem"
+    unimatch = (cfg.unimatch.labelled_weight, cfg.unimatch.strong_weight, cfg.unimatch.fp_weight)
+    default = UniMatchConfig()
+    assert unimatch == tuple(  # UniMatch's weights, doubled
+        2 * w for w in (default.labelled_weight, default.strong_weight, default.fp_weight)
     )
 
 
