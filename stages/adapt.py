@@ -21,7 +21,7 @@ from pixcli.artifacts import file_fingerprint, write_manifest
 from pixcli.config import to_dict
 from pixcli.data.rare_class import RareClassSampler, class_pixel_counts
 from pixcli.data.readers import SegDataset, open_dataset
-from pixcli.data.splits import labelled_share, write_split
+from pixcli.data.splits import labelled_share, share_requested, write_split
 from pixcli.data.training_set import SegTrainSet, infinite_loader
 from pixcli.data.transforms import AugmentConfig
 from pixcli.engine.evaluation import evaluate_dataset
@@ -79,10 +79,6 @@ class AdaptConfig:
     pixl: PiXLConfig = field(default_factory=PiXLConfig)  # [pixl] section, --method pixl
 
 
-def _labelled_share_asked(cfg: AdaptConfig) -> bool:
-    return cfg.labeled_fraction is not None or bool(cfg.labeled_list)
-
-
 def _streams(cfg: AdaptConfig) -> tuple[SegDataset, SegDataset | None]:
     """The labelled and unlabelled datasets of the setting."""
     if cfg.setting not in SETTINGS:
@@ -90,7 +86,7 @@ def _streams(cfg: AdaptConfig) -> tuple[SegDataset, SegDataset | None]:
     if cfg.setting == "semi":
         if not cfg.target:
             raise UserError("--setting semi needs --target (the partly labelled data)")
-        if cfg.labeled_fraction is None and not cfg.labeled_list:
+        if not share_requested(cfg.labeled_fraction, cfg.labeled_list):
             raise UserError("--setting semi needs --labeled-fraction F or --labeled-list FILE")
         target = open_dataset(cfg.target, cfg.target_split)
         labelled, unlabelled = labelled_share(
@@ -105,11 +101,11 @@ def _streams(cfg: AdaptConfig) -> tuple[SegDataset, SegDataset | None]:
         raise UserError(f"--setting {cfg.setting} needs --source (KIND:PATH of labelled data)")
     source = open_labelled(cfg.source, cfg.source_split, "--source")
     if cfg.setting == "supervised":
-        if not _labelled_share_asked(cfg):
+        if not share_requested(cfg.labeled_fraction, cfg.labeled_list):
             return source, None
         # the labelled-only baseline of a semi run: the same split of the same images
         return labelled_share(source, cfg.labeled_fraction, cfg.labeled_list, cfg.seed)[0], None
-    if _labelled_share_asked(cfg):
+    if share_requested(cfg.labeled_fraction, cfg.labeled_list):
         raise UserError("--labeled-fraction / --labeled-list: for --setting semi or supervised")
     if not cfg.target:
         raise UserError("--setting uda needs --target (KIND:PATH of unlabelled target data)")
@@ -158,7 +154,7 @@ def run(cfg: AdaptConfig, checkpoint: Path, out: Path) -> dict:
     if done is not None:
         shutdown(runtime)
         return done
-    if runtime.is_main and _labelled_share_asked(cfg):
+    if runtime.is_main and share_requested(cfg.labeled_fraction, cfg.labeled_list):
         write_split(out, labelled, unlabelled)
 
     student, ckpt = load_model_for(checkpoint, labelled, runtime)

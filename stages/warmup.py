@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from pixcli.artifacts import write_manifest
 from pixcli.config import to_dict
 from pixcli.data.readers import SegDataset, open_dataset
-from pixcli.data.splits import labelled_share, write_split
+from pixcli.data.splits import labelled_share, share_requested, write_split
 from pixcli.data.training_set import SegTrainSet, infinite_loader
 from pixcli.data.transforms import AugmentConfig
 from pixcli.engine.evaluation import evaluate_dataset
@@ -86,7 +86,7 @@ def run(cfg: WarmupConfig, out: Path) -> dict:
     timer = Timer()
     runtime = setup_runtime(cfg.device, cfg.amp, cfg.seed, cfg.channels_last)
     source = open_labelled(cfg.source, cfg.source_split, "--source")
-    share = cfg.labeled_fraction is not None or bool(cfg.labeled_list)
+    share = share_requested(cfg.labeled_fraction, cfg.labeled_list)
     if share:
         source = labelled_share(source, cfg.labeled_fraction, cfg.labeled_list, cfg.seed)[0]
     val = open_labelled(cfg.val, cfg.val_split, "--val") if cfg.val else None

@@ -12,6 +12,11 @@ from pixcli.data.readers import SegDataset
 from pixcli.errors import UserError
 
 
+def share_requested(fraction: float | None, listing: str | None) -> bool:
+    """Whether a labelled share was asked for: a fraction or a list of names."""
+    return fraction is not None or bool(listing)
+
+
 def split_labelled(
     dataset: SegDataset, fraction: float | None, listing: Path | None, seed: int
 ) -> tuple[list[int], list[int]]:
