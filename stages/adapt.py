@@ -27,6 +27,7 @@ from pixcli.data.transforms import AugmentConfig
 from pixcli.engine.evaluation import evaluate_dataset
 from pixcli.engine.inference import InferenceConfig
 from pixcli.engine.optim import OptimConfig, build_optimizer
+from pixcli.engine.pseudo_quality import PseudoLabelMonitor
 from pixcli.engine.runtime import setup_runtime, shutdown, training_model, unwrap
 from pixcli.engine.self_training import SelfTrainingConfig, SelfTrainingStep
 from pixcli.engine.semi_step import UniMatchConfig, UniMatchStep
@@ -225,6 +226,12 @@ def run(cfg: AdaptConfig, checkpoint: Path, out: Path) -> dict:
         step = UniMatchStep(cfg.unimatch, *args, seed=cfg.seed + start)  # type: ignore[arg-type]
     else:
         step = SelfTrainingStep(*args, seed=cfg.seed + start)  # type: ignore[arg-type]
+    if unlabelled is not None and unlabelled.has_labels:  # a benchmark or an oracle study
+        semi = step_kind == "unimatch"
+        threshold = cfg.unimatch.confidence_threshold if semi else st.confidence_threshold
+        step.monitor = PseudoLabelMonitor(
+            unlabelled.taxonomy.classes, threshold, window=cfg.loop.log_every
+        )
     result = loop.run(step)
     results = {
         "method": cfg.method,

@@ -35,6 +35,7 @@ from pixcli.data.mixing import classmix_masks, mix, strong_view
 from pixcli.data.taxonomy import IGNORE_INDEX
 from pixcli.data.training_set import inside_image
 from pixcli.engine.imagenet_fd import ImageNetFeatureDistance
+from pixcli.engine.pseudo_quality import PseudoLabelMonitor
 from pixcli.engine.runtime import Runtime, average_gradients, unwrap
 from pixcli.errors import UserError
 from pixcli.losses.feature_distance import CITYSCAPES_THING_CLASSES
@@ -113,6 +114,9 @@ class SelfTrainingStep:
         self.unlabelled = unlabelled
         self.generator = torch.Generator().manual_seed(seed)
         self.labelled_weight = 1.0  # of the labelled CE term
+        # the pseudo labels' worth against the unlabelled stream's own labels, when it has
+        # them (set by the stage; pixcli.engine.pseudo_quality)
+        self.monitor: PseudoLabelMonitor | None = None
         self.fd: ImageNetFeatureDistance | None = None
         if cfg.feature_distance > 0:
             self.fd = ImageNetFeatureDistance(
@@ -156,7 +160,27 @@ class SelfTrainingStep:
         self.method.after_step(ctx)
         logs = {k: float(v.detach()) for k, v in losses.items()}
         logs.update({k: float(v) for k, v in ctx.extras.items()})
+        if self.monitor is not None:
+            logs.update(self.monitor.summary())
         return logs
+
+    def diagnostics(self) -> dict:
+        """What the loop adds to a logged step's ``train_log.jsonl`` line besides the losses:
+        the pseudo labels' IoU per class over the monitor's window."""
+        if self.monitor is None or not self.monitor.steps:
+            return {}
+        return {"pl_IoU": self.monitor.per_class()}
+
+    def observe_pseudo_labels(self, ctx: StepContext, batch: dict, valid: Tensor | None) -> None:
+        """Feed the monitor this step's (hooked) pseudo labels against ``batch``'s labels."""
+        if self.monitor is None or ctx.pseudo_label is None or ctx.teacher_logits is None:
+            return
+        with torch.no_grad():
+            label = batch["label"].to(ctx.pseudo_label.device)
+            if valid is not None:
+                label = label.masked_fill(~valid, IGNORE_INDEX)
+            confidence = ctx.teacher_logits.float().softmax(1).amax(1)
+            self.monitor.update(ctx.pseudo_label, confidence, label)
 
     def _labelled_loss(self, logits: Tensor, labels: Tensor) -> Tensor:
         if self.cfg.labelled_loss == "ohem":
@@ -181,6 +205,7 @@ class SelfTrainingStep:
         ctx.pseudo_label, ctx.pseudo_weight = labels, weights
         labels, weights = self.method.target_labels(ctx)
         ctx.pseudo_label, ctx.pseudo_weight = labels, weights
+        self.observe_pseudo_labels(ctx, batch, inside_image(ctx.unlabelled_geometry).to(dev))
         image = ctx.unlabelled_image
         if self.cfg.classmix:
             n = min(image.shape[0], ctx.labelled_image.shape[0])

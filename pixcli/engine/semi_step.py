@@ -124,6 +124,7 @@ class UniMatchStep(SelfTrainingStep):
             teacher_output=rows(both, slice(n, None)),
         )
         valid, partner_valid = self._pseudo_labels(ctx), self._pseudo_labels(partner)
+        self.observe_pseudo_labels(ctx, batch, valid)
         strong_ce = []
         views = [self._cutmix(ctx, partner) for _ in range(2 if self.semi.dual_strong else 1)]
         student = self.student(torch.cat([image for _, image in views]))

@@ -166,6 +166,9 @@ class TrainLoop:
                         )
                         if main:
                             entry = {"step": self.step, "lr_factor": factor, "it_s": rate, **logs}
+                            diagnostics = getattr(step_fn, "diagnostics", None)
+                            if callable(diagnostics):  # e.g. the pseudo labels' per-class IoU
+                                entry.update(diagnostics())
                             with open(log_path, "a") as fh:
                                 fh.write(json.dumps(entry) + "\n")
                     if self._due(self.cfg.eval_every) and self.step < total:

@@ -1,0 +1,81 @@
+"""What the teacher's pseudo labels are worth during a run (issue 17's diagnostics).
+
+When the unlabelled stream has labels (the built-in benchmark, an oracle study), each step
+compares the pseudo labels the student is trained on (after the method's hook: CPSL's
+rectified labels, for one) with the true labels of the same crop. Over a window of the last
+``window`` steps it reports:
+
+- ``pl_mIoU``: mIoU of the pseudo labels (classes present in the window, as ``eval``);
+- ``pl_confident``: the share of pixels whose teacher max-probability exceeds the threshold;
+- ``pl_confident_acc``: the accuracy of the pseudo labels on those confident pixels;
+- per class (``per_class()``, written to ``train_log.jsonl`` on log steps): IoU.
+
+Pixels without a true label (255, padding) are left out. On a stream without labels the
+monitor reports nothing.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Sequence
+
+import numpy as np
+from torch import Tensor
+
+from pixcli.data.taxonomy import IGNORE_INDEX
+from pixcli.engine.metrics import confusion_matrix
+
+
+class PseudoLabelMonitor:
+    """Sliding-window confusion of pseudo labels against true labels."""
+
+    def __init__(self, class_names: Sequence[str], threshold: float, window: int = 20) -> None:
+        self.class_names = list(class_names)
+        self.threshold = threshold
+        self.steps: deque[tuple[Tensor, int, int, int]] = deque(maxlen=max(1, window))
+
+    def update(self, pseudo_label: Tensor, confidence: Tensor, label: Tensor) -> None:
+        """One step: (B, H, W) pseudo labels, teacher max-probabilities and true labels."""
+        known = label != IGNORE_INDEX
+        if not bool(known.any()):
+            return
+        n = len(self.class_names)
+        pred = pseudo_label.masked_fill(pseudo_label == IGNORE_INDEX, 0)
+        conf = confusion_matrix(pred.cpu(), label.cpu(), n)
+        confident = (confidence > self.threshold) & known
+        correct = confident & (pseudo_label == label)
+        self.steps.append(
+            (conf, int(known.sum()), int(confident.sum()), int(correct.sum()))
+        )  # fmt: skip
+
+    def _iou(self) -> np.ndarray:
+        conf = sum(s[0] for s in self.steps).double().numpy()
+        tp = np.diag(conf)
+        union = conf.sum(0) + conf.sum(1) - tp
+        with np.errstate(divide="ignore", invalid="ignore"):
+            return np.where(union > 0, tp / union * 100, np.nan)
+
+    def summary(self) -> dict[str, float]:
+        """The window's headline figures (empty before any labelled pixel was seen)."""
+        if not self.steps:
+            return {}
+        iou = self._iou()
+        known = sum(s[1] for s in self.steps)
+        confident = sum(s[2] for s in self.steps)
+        correct = sum(s[3] for s in self.steps)
+        out = {
+            "pl_mIoU": float(np.nanmean(iou)),
+            "pl_confident": 100.0 * confident / known,
+        }
+        if confident:
+            out["pl_confident_acc"] = 100.0 * correct / confident
+        return out
+
+    def per_class(self) -> dict[str, float | None]:
+        """IoU per class over the window (None for a class absent from it)."""
+        if not self.steps:
+            return {}
+        return {
+            name: (None if np.isnan(v) else round(float(v), 2))
+            for name, v in zip(self.class_names, self._iou(), strict=True)
+        }
