@@ -12,3 +12,11 @@ class UserError(Exception):
 
     The message must name the file or option and the problem in one line.
     """
+
+
+class Interrupted(Exception):
+    """Ctrl-C during a stage; what was done so far has been saved (exit code 130).
+
+    Defined here rather than in the training loop so that the command line can catch it
+    without importing torch (``pixcli --help`` stays fast).
+    """

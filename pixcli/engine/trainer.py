@@ -29,7 +29,7 @@ from pixcli.artifacts import load_checkpoint, save_checkpoint
 from pixcli.engine.optim import OptimConfig, lr_factor, set_lr
 from pixcli.engine.progress import console, make_progress
 from pixcli.engine.runtime import Runtime, unwrap
-from pixcli.errors import UserError
+from pixcli.errors import Interrupted, UserError
 
 
 @dataclass
@@ -38,10 +38,6 @@ class LoopConfig:
     log_every: int = 20
     eval_every: int = 0  # 0: validate only at the end
     checkpoint_every: int = 250
-
-
-class Interrupted(Exception):
-    """Ctrl-C during training; the last checkpoint has been written."""
 
 
 StepFn = Callable[[int], dict[str, float]]
