@@ -2,7 +2,8 @@
 
 Each command parses its options into the stage's configuration (defaults < ``--config
 FILE.toml`` < ``--set KEY=VALUE`` < named options) and calls ``stages.<stage>.run``.
-Exit codes: 0 success, 2 user error (one line on stderr), 130 interrupted, 1 a bug.
+Exit codes: 0 success, 2 user error (one line on stderr), 130 interrupted (Ctrl-C), 143
+terminated (SIGTERM; work saved as for Ctrl-C), 1 a bug.
 """
 
 from __future__ import annotations
@@ -17,8 +18,7 @@ import typer
 
 from pixcli.config import load_config, parse_set_options
 from pixcli.engine.progress import console
-from pixcli.engine.trainer import Interrupted
-from pixcli.errors import UserError
+from pixcli.errors import Interrupted, UserError, exit_code, sigterm_as_interrupt
 
 app = typer.Typer(
     help="pixcli: domain-adaptive and label-efficient semantic segmentation.",
@@ -54,6 +54,10 @@ LabeledFractionOpt = Annotated[
 LabeledListOpt = Annotated[
     Path | None, typer.Option(help="File of labelled image names (labelled.txt of a run).")
 ]
+ForceOpt = Annotated[
+    bool,
+    typer.Option("--force", help="Delete this stage's earlier run in --out and start over."),
+]
 CompileOpt = Annotated[
     bool | None,
     typer.Option("--compile", help="torch.compile the trained model (slow to start; for GPUs)."),
@@ -61,7 +65,8 @@ CompileOpt = Annotated[
 
 
 def user_errors(fn: F) -> F:
-    """Turn a UserError into one line on stderr and exit code 2; Ctrl-C into exit 130."""
+    """Turn a UserError into one line on stderr and exit code 2; Ctrl-C into exit 130,
+    SIGTERM into 143 (see :func:`pixcli.errors.sigterm_as_interrupt`)."""
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -72,9 +77,17 @@ def user_errors(fn: F) -> F:
             raise typer.Exit(2) from None
         except (Interrupted, KeyboardInterrupt) as exc:
             console.print(f"[yellow]{exc or 'interrupted'}[/]", highlight=False)
-            raise typer.Exit(130) from None
+            raise typer.Exit(exit_code(exc)) from None
 
     return wrapper  # type: ignore[return-value]
+
+
+def _start_over(force: bool, out: Path, stage: str) -> None:
+    """``--force``: clear ``out`` of ``stage``'s earlier run (see stages.common.start_over)."""
+    if force:
+        from stages.common import start_over
+
+        start_over(out, stage)
 
 
 def _overrides(sets: list[str] | None, named: dict[str, Any]) -> dict[str, Any]:
@@ -92,6 +105,10 @@ def make_benchmark(
     n_source: Annotated[int | None, typer.Option(help="Source images.")] = None,
     n_target_train: Annotated[int | None, typer.Option(help="Target train images.")] = None,
     n_target_val: Annotated[int | None, typer.Option(help="Target val images.")] = None,
+    style: Annotated[
+        str | None,
+        typer.Option(help="street (the default: synthetic -> real) or dusk (pastel -> hazy dusk)."),
+    ] = None,
 ) -> None:
     """Draw the built-in synthetic-to-real street-scene benchmark.
 
@@ -99,7 +116,7 @@ def make_benchmark(
     """
     from stages import make_benchmark as stage
 
-    stage.run(out, seed, size, n_source, n_target_train, n_target_val)
+    stage.run(out, seed, size, n_source, n_target_train, n_target_val, style=style)
 
 
 @app.command()
@@ -131,6 +148,7 @@ def warmup(
         Path | None, typer.Option(help="Start the backbone from a local weights file.")
     ] = None,
     compile_: CompileOpt = None,
+    force: ForceOpt = False,
     config: ConfigOpt = None,
     device: DeviceOpt = "auto",
     seed: SeedOpt = None,
@@ -153,6 +171,7 @@ def warmup(
         "compile": compile_, "device": device, "seed": seed,
     }  # fmt: skip
     cfg = load_config(stage.WarmupConfig, config, _overrides(set_, named))
+    _start_over(force, out, "warmup")
     stage.run(cfg, out)
 
 
@@ -175,6 +194,7 @@ def adapt(
     batch_size: Annotated[int | None, typer.Option(help="Images per batch and stream.")] = None,
     lr: LrOpt = None,
     compile_: CompileOpt = None,
+    force: ForceOpt = False,
     config: ConfigOpt = None,
     device: DeviceOpt = "auto",
     seed: SeedOpt = None,
@@ -197,6 +217,7 @@ def adapt(
         "compile": compile_, "device": device, "seed": seed,
     }  # fmt: skip
     cfg = load_config(stage.AdaptConfig, config, _overrides(set_, named))
+    _start_over(force, out, "adapt")
     stage.run(cfg, checkpoint, out)
 
 
@@ -225,6 +246,7 @@ def distill(
     batch_size: Annotated[int | None, typer.Option(help="Images per batch and stream.")] = None,
     lr: LrOpt = None,
     compile_: CompileOpt = None,
+    force: ForceOpt = False,
     config: ConfigOpt = None,
     device: DeviceOpt = "auto",
     seed: SeedOpt = None,
@@ -245,6 +267,7 @@ def distill(
         "compile": compile_, "device": device, "seed": seed,
     }  # fmt: skip
     cfg = load_config(stage.DistillConfig, config, _overrides(set_, named))
+    _start_over(force, out, "distill")
     stage.run(cfg, teacher, out)
 
 
@@ -261,6 +284,7 @@ def eval_(
     save_predictions: Annotated[
         bool | None, typer.Option("--save-predictions", help="Write palette PNGs.")
     ] = None,
+    force: ForceOpt = False,
     config: ConfigOpt = None,
     device: DeviceOpt = "auto",
     seed: SeedOpt = None,
@@ -279,6 +303,7 @@ def eval_(
         "save_predictions": save_predictions, "device": device, "seed": seed,
     }  # fmt: skip
     cfg = load_config(stage.EvalConfig, config, _overrides(set_, named))
+    _start_over(force, out, "eval")
     stage.run(cfg, checkpoint, out)
 
 
@@ -294,6 +319,7 @@ def embed_report(
     per_class: Annotated[
         int | None, typer.Option(help="Pixels sampled per class (default: 500).")
     ] = None,
+    force: ForceOpt = False,
     config: ConfigOpt = None,
     device: DeviceOpt = "auto",
     seed: SeedOpt = None,
@@ -308,6 +334,7 @@ def embed_report(
 
     named = {"data": data, "split": split, "per_class": per_class, "device": device, "seed": seed}
     cfg = load_config(stage.EmbedReportConfig, config, _overrides(set_, named))
+    _start_over(force, out, "embed-report")
     stage.run(cfg, checkpoint, out)
 
 
@@ -325,6 +352,7 @@ def pseudolabel(
     stride: StrideOpt = None,
     flip: FlipOpt = None,
     batch_size: Annotated[int | None, typer.Option(help="Images per forward pass.")] = None,
+    force: ForceOpt = False,
     config: ConfigOpt = None,
     device: DeviceOpt = "auto",
     seed: SeedOpt = None,
@@ -343,6 +371,7 @@ def pseudolabel(
         "inference.flip": flip, "batch_size": batch_size, "device": device, "seed": seed,
     }  # fmt: skip
     cfg = load_config(stage.PseudolabelConfig, config, _overrides(set_, named))
+    _start_over(force, out, "pseudolabel")
     stage.run(cfg, checkpoint, out)
 
 
@@ -389,6 +418,7 @@ def _hw(text: str | None, option: str) -> tuple[int, int] | None:
 
 
 def main() -> None:
+    sigterm_as_interrupt()  # SIGTERM (e.g. SLURM preemption) saves work like Ctrl-C
     app(prog_name="pixcli")
 
 

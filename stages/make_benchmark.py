@@ -29,9 +29,12 @@ def run(
     n_target_train: int | None = None,
     n_target_val: int | None = None,
     base: BenchmarkConfig | None = None,
+    style: str | None = None,
 ) -> dict:
     """Write the benchmark into ``out`` unless the same one is already there."""
     cfg = dataclasses.replace(base or BenchmarkConfig(), seed=seed)
+    if style is not None:
+        cfg.style = style
     if size is not None:
         cfg.width, cfg.height = parse_size(size)
     for name, value in (

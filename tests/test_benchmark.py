@@ -165,3 +165,20 @@ def test_domains_differ_in_colour_texture_and_layout(small: tuple[Path, dict]):
     assert src["hood"] == 0 and tgt["hood"] > 0.5  # another camera
     fractions = meta["pixel_fractions"]
     assert fractions["source"]["road"] > fractions["target_train"]["road"]
+
+
+def test_dusk_style_is_a_darker_hazier_other_benchmark(tmp_path: Path):
+    street, dusk = tmp_path / "street", tmp_path / "dusk"
+    make_benchmark(street, TINY)
+    make_benchmark(dusk, BenchmarkConfig(**{**TINY.__dict__, "style": "dusk"}))
+    assert json.loads((dusk / "benchmark.json").read_text())["config"]["style"] == "dusk"
+
+    def target_pixels(root: Path) -> np.ndarray:
+        files = sorted((root / "target/leftImg8bit").rglob("*.png"))
+        return np.stack([np.asarray(Image.open(p), dtype=np.float32) for p in files])
+
+    a, b = target_pixels(street), target_pixels(dusk)
+    assert b.mean() < a.mean() - 15  # dusk light
+    assert b.std() < a.std()  # haze lowers the contrast
+    with pytest.raises(UserError, match="--style noon: expected one of street, dusk"):
+        make_benchmark(tmp_path / "x", BenchmarkConfig(**{**TINY.__dict__, "style": "noon"}))

@@ -17,6 +17,7 @@ and texture cues do not. Every image has its own random stream derived from
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -62,6 +63,7 @@ class BenchmarkConfig:
     n_source: int = 400
     n_target_train: int = 300
     n_target_val: int = 100
+    style: str = "street"  # a key of STYLES: which source and target domains
 
 
 @dataclass(frozen=True)
@@ -97,6 +99,7 @@ class Appearance:
     shadows: tuple[int, int]
     noise: float  # sensor noise std
     blur: float  # Gaussian blur radius (px at 256 wide)
+    haze: float = 0.0  # blend towards a grey-blue haze, strongest at the horizon (0: none)
 
 
 @dataclass(frozen=True)
@@ -158,6 +161,56 @@ REAL = Domain(
         cast=0.08, shadows=(0, 1), noise=4.0, blur=0.6,
     ),
 )  # fmt: skip
+
+
+# The second style (issue 17: recipes are checked on a benchmark they were not tuned on): a
+# pastel, low-contrast synthetic source and a hazy dusk target with a lower camera, darker
+# light, a blue cast and more noise; the same scene grammar and classes.
+PASTEL = Domain(
+    "pastel",
+    dataclasses.replace(
+        SYNTHETIC.geometry, horizon=(0.42, 0.55), road=(0.5, 0.7), n_cars=(1, 3),
+        n_persons=(0, 4), n_poles=(1, 4), n_trees=(2, 5),
+    ),
+    dataclasses.replace(
+        SYNTHETIC.appearance,
+        colours={
+            ROAD: ((120, 115, 135),), SIDEWALK: ((205, 190, 185),),
+            BUILDING: ((220, 170, 150), (200, 205, 170), (175, 180, 215), (215, 150, 170)),
+            POLE: ((200, 200, 210), (150, 150, 165)), LIGHT: ((70, 70, 60),),
+            SIGN: ((250, 240, 120), (120, 150, 250)),
+            VEGETATION: ((120, 200, 120), (150, 215, 110)), TERRAIN: ((190, 220, 140),),
+            SKY: ((170, 210, 250), (200, 220, 245)),
+            PERSON: ((240, 130, 130), (130, 140, 240), (250, 220, 130), (130, 210, 160),
+                     (120, 120, 130), (180, 170, 190)),
+            CAR: ((240, 120, 120), (120, 160, 240), (250, 230, 120), (245, 245, 245),
+                  (130, 200, 150), (110, 110, 120)),
+        },
+        jitter=10.0, texture=0.08, brightness=(0.9, 1.15),
+    ),
+)  # fmt: skip
+
+DUSK = Domain(
+    "dusk",
+    dataclasses.replace(
+        REAL.geometry, horizon=(0.26, 0.36), car_size=0.3, n_cars=(2, 7), n_persons=(1, 5),
+        n_poles=(2, 5), n_trees=(1, 4), terrain=0.5, hood=0.1,
+    ),
+    dataclasses.replace(
+        REAL.appearance,
+        colours={
+            **REAL.appearance.colours,
+            SKY: ((95, 90, 130), (140, 110, 120), (70, 75, 110)),
+            VEGETATION: ((45, 80, 50), (60, 75, 45)), TERRAIN: ((95, 100, 60),),
+            BUILDING: ((110, 100, 105), (135, 120, 110), (85, 85, 100), (150, 135, 125)),
+        },
+        texture=0.5, shading=0.45, brightness=(0.5, 0.8), cast=0.12, shadows=(0, 0),
+        noise=7.0, blur=0.9, haze=0.35,
+    ),
+)  # fmt: skip
+
+# --style: (source, target) domains
+STYLES: dict[str, tuple[Domain, Domain]] = {"street": (SYNTHETIC, REAL), "dusk": (PASTEL, DUSK)}
 
 
 def _rng_for(seed: int, domain: int, index: int) -> np.random.Generator:
@@ -420,7 +473,12 @@ def render(s: _Scene, look: Appearance, rng: np.random.Generator) -> np.ndarray:
     img *= (1 + look.shading * (ramp + side))[..., None]
     img *= _shadows(s, _count(rng, look.shadows), rng)[..., None]
     gain = _uniform(rng, look.brightness) * (1 + rng.uniform(-look.cast, look.cast, 3))
-    img = np.clip(img * gain.astype(np.float32), 0, 255).astype(np.uint8)
+    img = img * gain.astype(np.float32)
+    if look.haze > 0:  # thickest at the horizon row, thinning towards the bottom
+        rows = np.linspace(1.0, 0.3, s.h, dtype=np.float32)[:, None, None]
+        amount = look.haze * rng.uniform(0.6, 1.2) * rows
+        img = img * (1 - amount) + np.float32([150, 150, 165]) * amount
+    img = np.clip(img, 0, 255).astype(np.uint8)
     if look.blur > 0:
         radius = look.blur * s.w / 256 * rng.uniform(0.7, 1.3)
         img = np.asarray(Image.fromarray(img).filter(ImageFilter.GaussianBlur(radius)))
@@ -492,6 +550,9 @@ def make_benchmark(
     """
     if min(cfg.width, cfg.height) < 16:
         raise UserError(f"benchmark images must be at least 16x16, not {cfg.width}x{cfg.height}")
+    if cfg.style not in STYLES:
+        raise UserError(f"--style {cfg.style}: expected one of {', '.join(STYLES)}")
+    source_domain, target_domain = STYLES[cfg.style]
     out = Path(out)
     _check_out(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -501,7 +562,7 @@ def make_benchmark(
     jobs = _jobs(out, cfg)
     counts = {split: np.zeros(256, dtype=np.int64) for split in ("source", "train", "val")}
     for done, (split, index, image_path, label_path) in enumerate(jobs, 1):
-        domain = SYNTHETIC if split == "source" else REAL
+        domain = source_domain if split == "source" else target_domain
         image, labels = make_sample(cfg, domain, ("source", "train", "val").index(split), index)
         counts[split] += np.bincount(_TO_TRAINID[labels].ravel(), minlength=256)
         for path, array in ((image_path, image), (label_path, labels)):
