@@ -62,6 +62,30 @@ CompileOpt = Annotated[
     bool | None,
     typer.Option("--compile", help="torch.compile the trained model (slow to start; for GPUs)."),
 ]
+ModelOpt = Annotated[Path, typer.Option("--checkpoint", help="A pixcli model.pt.")]
+ScaleOpt = Annotated[
+    float | None, typer.Option(help="Resize images by this before inference (default: 1).")
+]
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        from pixcli import __version__
+
+        typer.echo(f"pixcli {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version", callback=_print_version, is_eager=True, help="Print the version."
+        ),
+    ] = False,
+) -> None:
+    """pixcli: domain-adaptive and label-efficient semantic segmentation."""
 
 
 def user_errors(fn: F) -> F:
@@ -372,6 +396,86 @@ def pseudolabel(
     }  # fmt: skip
     cfg = load_config(stage.PseudolabelConfig, config, _overrides(set_, named))
     _start_over(force, out, "pseudolabel")
+    stage.run(cfg, checkpoint, out)
+
+
+@app.command()
+@user_errors
+def predict(
+    checkpoint: ModelOpt,
+    images: Annotated[
+        list[str] | None,
+        typer.Option(help="Image files, directories (recursive) or glob patterns (repeatable)."),
+    ] = None,
+    more_images: Annotated[
+        list[str] | None, typer.Argument(help="More images (e.g. a shell-expanded glob).")
+    ] = None,
+    out: OutOpt = Path("runs/predict"),
+    window: WindowOpt = None,
+    stride: StrideOpt = None,
+    flip: FlipOpt = None,
+    scale: ScaleOpt = None,
+    alpha: Annotated[
+        float | None, typer.Option(help="Weight of the class colours in *_overlay.jpg (0.5).")
+    ] = None,
+    confidence: Annotated[
+        bool | None, typer.Option("--confidence", help="Also write *_confidence.png.")
+    ] = None,
+    probs: Annotated[
+        bool | None,
+        typer.Option("--probs", help="Also write *_probs.npy (C x H x W float16)."),
+    ] = None,
+    batch_size: Annotated[
+        int | None, typer.Option(help="Images of equal size per forward pass (default: 1).")
+    ] = None,
+    config: ConfigOpt = None,
+    device: DeviceOpt = "auto",
+    seed: SeedOpt = None,
+    set_: SetOpt = None,
+) -> None:
+    """Label, colour and overlay images for any images; reruns skip finished images.
+
+    Example: pixcli predict --checkpoint runs/adapt-cpsl/model.pt --images photos/
+    --out runs/predict
+    """
+    from stages import predict as stage
+
+    named = {
+        "images": [*(images or []), *(more_images or [])] or None,
+        "window": _hw(window, "--window"), "stride": _hw(stride, "--stride"), "flip": flip,
+        "scale": scale, "alpha": alpha, "confidence": confidence, "probs": probs,
+        "batch_size": batch_size, "device": device, "seed": seed,
+    }  # fmt: skip
+    cfg = load_config(stage.PredictConfig, config, _overrides(set_, named))
+    stage.run(cfg, checkpoint, out)
+
+
+@app.command()
+@user_errors
+def export(
+    checkpoint: ModelOpt,
+    out: Annotated[Path, typer.Option("--out", help="File to write, e.g. model.onnx.")],
+    format_: Annotated[str | None, typer.Option("--format", help="onnx or torchscript.")] = None,
+    height: Annotated[int | None, typer.Option(help="Example input height (512).")] = None,
+    width: Annotated[int | None, typer.Option(help="Example input width (1024).")] = None,
+    dynamic: Annotated[
+        bool | None, typer.Option("--dynamic", help="Free batch size, height and width.")
+    ] = None,
+    config: ConfigOpt = None,
+    seed: SeedOpt = None,
+    set_: SetOpt = None,
+) -> None:
+    """Export to ONNX or TorchScript: normalised N x 3 x H x W in, logits at H x W out.
+
+    Example: pixcli export --checkpoint runs/adapt-cpsl/model.pt --format onnx --dynamic
+    --out runs/model.onnx
+    """
+    from stages import export as stage
+
+    named = {
+        "format": format_, "height": height, "width": width, "dynamic": dynamic, "seed": seed,
+    }  # fmt: skip
+    cfg = load_config(stage.ExportConfig, config, _overrides(set_, named))
     stage.run(cfg, checkpoint, out)
 
 

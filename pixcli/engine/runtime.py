@@ -97,19 +97,33 @@ def setup_runtime(
     owns_group = world_size > 1 and not dist.is_initialized()
     if owns_group:
         dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo")
-    use_bf16 = dev.type == "cuda" and torch.cuda.is_bf16_supported()
     runtime = Runtime(
         device=dev,
         rank=rank,
         world_size=world_size,
         local_rank=local_rank,
         amp=amp and dev.type == "cuda",
-        amp_dtype=torch.bfloat16 if use_bf16 else torch.float16,
+        amp_dtype=amp_dtype_for(dev),
         channels_last=channels_last and dev.type == "cuda",
         owns_group=owns_group,
     )
     seed_everything(seed + rank)
     return runtime
+
+
+def amp_dtype_for(device: torch.device) -> torch.dtype:
+    """The mixed-precision type on ``device``: bf16 where the GPU has it, else fp16."""
+    use_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+    return torch.bfloat16 if use_bf16 else torch.float16
+
+
+def local_runtime(device: str | torch.device = "auto", amp: bool = True) -> Runtime:
+    """A one-process runtime on ``device`` (``auto``, ``cpu``, ``cuda`` or a torch device)
+    for library use (``pixcli.load``): unlike :func:`setup_runtime` it joins no process
+    group and seeds nothing. AMP and ``channels_last`` apply on CUDA only, as there."""
+    dev = device if isinstance(device, torch.device) else resolve_device(device)
+    cuda = dev.type == "cuda"
+    return Runtime(device=dev, amp=amp and cuda, amp_dtype=amp_dtype_for(dev), channels_last=cuda)
 
 
 def seed_everything(seed: int) -> None:

@@ -1,0 +1,238 @@
+"""``pixcli predict``: a checkpoint's predictions for any images, as PNG/JPEG files.
+
+Per input image, mirroring the input tree under ``out`` (``REL`` = its path relative to the
+``--images`` argument it came from, without suffix):
+
+- ``REL_label.png``: class ids (uint8 palette PNG: viewable, and its values are the ids;
+  the same file ``pixcli eval --save-predictions`` writes);
+- ``REL_color.png``: the classes' colours (RGB);
+- ``REL_overlay.jpg``: the image blended with the colours (``alpha``);
+- with ``confidence``: ``REL_confidence.png``, the max class probability x 255 (grey);
+- with ``probs``: ``REL_probs.npy``, the class probabilities ``(C, H, W) float16``.
+
+All predictions go through :class:`pixcli.predictor.Predictor` (``pixcli.load``). An
+image is finished when all its files exist (each is written atomically); a rerun predicts
+only the others. An unreadable image is reported and skipped, the rest written, and the run
+ends with a UserError (exit 2) listing how many were skipped. Under torchrun each rank
+predicts every ``world_size``-th unfinished image; rank 0 writes ``manifest.json``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from PIL import Image
+
+from pixcli.artifacts import (
+    atomic_write,
+    file_fingerprint,
+    read_json,
+    save_label_png,
+    write_manifest,
+)
+from pixcli.config import to_dict
+from pixcli.data.image_files import ImageFile, find_images, read_image
+from pixcli.engine.progress import console, make_progress
+from pixcli.engine.runtime import Runtime, setup_runtime, shutdown
+from pixcli.errors import UserError
+from pixcli.predictor import Predictor
+from stages.common import Timer
+
+STAGE = "predict"
+
+
+@dataclass
+class PredictConfig:
+    images: list[str] = field(default_factory=list)  # files, directories, glob patterns
+    device: str = "auto"
+    amp: bool = True
+    seed: int = 0
+    batch_size: int = 1  # images of equal size per forward pass
+    alpha: float = 0.5  # weight of the colours in the overlay
+    confidence: bool = False  # also write REL_confidence.png
+    probs: bool = False  # also write REL_probs.npy (float16)
+    # Inference; None keeps the checkpoint's own setting (its eval section).
+    window: tuple[int, int] | None = None
+    stride: tuple[int, int] | None = None
+    flip: bool | None = None
+    scale: float | None = None
+
+
+def output_paths(out: Path, image: ImageFile, cfg: PredictConfig) -> dict[str, Path]:
+    """The files written for ``image``, by kind."""
+    base = out / image.relative
+    paths = {
+        "label": base.with_name(f"{base.name}_label.png"),
+        "color": base.with_name(f"{base.name}_color.png"),
+        "overlay": base.with_name(f"{base.name}_overlay.jpg"),
+    }
+    if cfg.confidence:
+        paths["confidence"] = base.with_name(f"{base.name}_confidence.png")
+    if cfg.probs:
+        paths["probs"] = base.with_name(f"{base.name}_probs.npy")
+    return paths
+
+
+def _save_image(path: Path, array: np.ndarray, **options: object) -> None:
+    image = Image.fromarray(array)
+    fmt = "JPEG" if path.suffix == ".jpg" else "PNG"
+    atomic_write(path, lambda tmp: image.save(tmp, format=fmt, **options))
+
+
+def _save_npy(path: Path, array: np.ndarray) -> None:
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as fh:
+            np.save(fh, array)
+
+    atomic_write(path, write)
+
+
+def write_outputs(
+    predictor: Predictor,
+    image: np.ndarray,
+    logits: torch.Tensor,
+    paths: dict[str, Path],
+    alpha: float,
+) -> None:
+    """Write one image's files from its logits ``(C, H, W)``; the label file last."""
+    mask = logits.argmax(0).to(torch.uint8).cpu().numpy()
+    if "confidence" in paths or "probs" in paths:
+        probs = logits.softmax(0)
+        if "confidence" in paths:
+            conf = probs.max(0).values.mul(255).round().to(torch.uint8).cpu().numpy()
+            _save_image(paths["confidence"], conf)
+        if "probs" in paths:
+            _save_npy(paths["probs"], probs.to(torch.float16).cpu().numpy())
+    _save_image(paths["color"], predictor.colorize(mask))
+    _save_image(paths["overlay"], predictor.overlay(image, mask, alpha), quality=90)
+    save_label_png(paths["label"], mask, predictor.palette_table())
+
+
+def _settings(cfg: PredictConfig, predictor: Predictor) -> dict:
+    """What decides the files' content: a rerun into the same ``out`` must match it."""
+    return {
+        "inference": to_dict(predictor.inference),
+        "alpha": cfg.alpha,
+        "confidence": cfg.confidence,
+        "probs": cfg.probs,
+    }
+
+
+def _check_out_dir(out: Path, inputs: dict[str, str], settings: dict) -> None:
+    """Create ``out``; refuse one holding another stage's output or predictions made by
+    another checkpoint or with other settings (finished or not)."""
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out}: exists and is not a directory")
+    out.mkdir(parents=True, exist_ok=True)
+    if not (out / "manifest.json").is_file():
+        return
+    old = read_json(out / "manifest.json")
+    if old.get("stage") != STAGE:
+        raise UserError(f"{out}: holds the output of '{old.get('stage')}', not '{STAGE}'")
+    if old.get("inputs") != inputs:
+        what = "another checkpoint"
+    elif old.get("config", {}).get("settings") != settings:
+        what = "other settings"
+    else:
+        return
+    raise UserError(
+        f"--out {out}: holds predictions made with {what}; choose another --out or delete it"
+    )
+
+
+def _predict_shard(
+    predictor: Predictor,
+    todo: list[ImageFile],
+    cfg: PredictConfig,
+    out: Path,
+    runtime: Runtime,
+) -> list[dict[str, str]]:
+    """Predict and write ``todo`` (this rank's share) in batches of equal-sized consecutive
+    images; return the unreadable ones as ``{"image", "reason"}``."""
+    failed: list[dict[str, str]] = []
+    pending: list[tuple[ImageFile, np.ndarray]] = []
+
+    def flush() -> None:
+        logits = predictor.logits([array for _, array in pending])
+        for (item, array), item_logits in zip(pending, logits, strict=True):
+            write_outputs(predictor, array, item_logits, output_paths(out, item, cfg), cfg.alpha)
+        progress.advance(task, len(pending))
+        pending.clear()
+
+    with make_progress(runtime.is_main) as progress:
+        task = progress.add_task(STAGE, total=len(todo), rate="", info="")
+        for item in todo:
+            try:
+                array = read_image(item.path)
+            except UserError as exc:
+                failed.append({"image": str(item.path), "reason": str(exc)})
+                console.print(f"[yellow]skipped[/] {exc}", highlight=False, soft_wrap=True)
+                progress.advance(task)
+                continue
+            if pending and (len(pending) >= cfg.batch_size or pending[0][1].shape != array.shape):
+                flush()
+            pending.append((item, array))
+        if pending:
+            flush()
+    return failed
+
+
+def run(cfg: PredictConfig, checkpoint: Path, out: Path) -> dict:
+    """Predict every image of ``cfg.images`` into ``out``; return the manifest's results.
+
+    Raises a UserError after writing everything else when some images could not be read.
+    """
+    timer = Timer()
+    images = find_images(cfg.images, exclude=out)
+    runtime = setup_runtime(cfg.device, cfg.amp, cfg.seed)
+    predictor, _ = Predictor.from_checkpoint(
+        checkpoint, runtime, window=cfg.window, stride=cfg.stride, flip=cfg.flip,
+        scale=cfg.scale,
+    )  # fmt: skip
+    inputs = {"checkpoint": file_fingerprint(checkpoint)}
+    settings = _settings(cfg, predictor)
+    config = {**to_dict(cfg), "settings": settings}
+    if runtime.is_main:
+        _check_out_dir(out, inputs, settings)
+    runtime.barrier()
+    todo = [
+        im for im in images if not all(p.is_file() for p in output_paths(out, im, cfg).values())
+    ]
+    runtime.barrier()  # every rank has looked before any writes
+    if runtime.is_main:
+        write_manifest(out, STAGE, config, inputs, {"images": len(images)}, 0.0, complete=False)
+        if len(todo) < len(images):
+            console.print(f"{out}: {len(images) - len(todo)} images already predicted; skipped")
+    failed = _predict_shard(predictor, todo[runtime.rank :: runtime.world_size], cfg, out, runtime)
+    if runtime.distributed:
+        gathered: list[list[dict[str, str]]] = [[] for _ in range(runtime.world_size)]
+        dist.all_gather_object(gathered, failed)
+        failed = [f for part in gathered for f in part]
+    seconds = timer.seconds()
+    predicted = len(todo) - len(failed)
+    results = {
+        "images": len(images),
+        "predicted": predicted,
+        "already_done": len(images) - len(todo),
+        "failed": failed,
+        "images_per_s": round(predicted / seconds, 3) if seconds > 0 else None,
+        "inference": to_dict(predictor.inference),
+    }
+    if runtime.is_main:
+        write_manifest(out, STAGE, config, inputs, results, seconds, complete=not failed)
+        console.print(
+            f"predicted {predicted} images in {seconds:.1f} s "
+            f"({predicted / max(seconds, 1e-9):.2f} images/s) -> {out}",
+            highlight=False,
+        )
+    shutdown(runtime)
+    if failed:
+        raise UserError(
+            f"{len(failed)} of {len(images)} images could not be read and were skipped "
+            f"(listed above and in {out / 'manifest.json'})"
+        )
+    return results
