@@ -226,6 +226,11 @@ def adapt(
 ) -> None:
     """Self-training from a warmed-up model with a method plugged in; resumable.
 
+    Bare defaults are each method's paper recipe for GPUs: none, pgpc and pixl DAFormer's
+    (AdamW 6e-5, heads x10, weight decay 0.01, 1,500 warm-up iterations, EMA 0.999 with
+    DAFormer's ramp, rare-class sampling; 40k/60k/60k iterations), cpsl CPSL's (SGD 1e-4,
+    weight decay 2e-4, EMA 0.999 constant). examples/demo_adapt.toml is the CPU recipe.
+
     Example: pixcli adapt --method none --checkpoint runs/warmup/model.pt
     --source gta5:runs/bench/source --target cityscapes:runs/bench/target
     --val cityscapes:runs/bench/target --out runs/adapt-none
@@ -240,7 +245,7 @@ def adapt(
         "loop.iterations": iterations, "batch_size": batch_size, "optim.lr": lr,
         "compile": compile_, "device": device, "seed": seed,
     }  # fmt: skip
-    cfg = load_config(stage.AdaptConfig, config, _overrides(set_, named))
+    cfg = stage.load_adapt_config(config, _overrides(set_, named))
     _start_over(force, out, "adapt")
     stage.run(cfg, checkpoint, out)
 

@@ -17,16 +17,16 @@ import copy
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pixcli.artifacts import file_fingerprint, write_manifest
-from pixcli.config import to_dict
+from pixcli.artifacts import file_fingerprint
+from pixcli.config import load_config, to_dict
 from pixcli.data.rare_class import RareClassSampler, class_pixel_counts
-from pixcli.data.readers import SegDataset, open_dataset
+from pixcli.data.readers import ReaderConfig, SegDataset, open_dataset
 from pixcli.data.splits import labelled_share, share_requested, write_split
 from pixcli.data.training_set import SegTrainSet, infinite_loader
 from pixcli.data.transforms import AugmentConfig
 from pixcli.engine.evaluation import evaluate_dataset
 from pixcli.engine.inference import InferenceConfig
-from pixcli.engine.optim import OptimConfig, build_optimizer
+from pixcli.engine.optim import OptimConfig, build_optimizer, model_param_groups
 from pixcli.engine.pseudo_quality import PseudoLabelMonitor
 from pixcli.engine.runtime import setup_runtime, shutdown, training_model, unwrap
 from pixcli.engine.self_training import SelfTrainingConfig, SelfTrainingStep
@@ -39,7 +39,7 @@ from pixcli.losses.ipixmatch import IPixMatchConfig
 from pixcli.losses.pgpc import PGPCConfig
 from pixcli.losses.pixl import PiXLConfig
 from pixcli.methods import METHODS, Method, MethodSetup
-from stages.common import Timer, load_model_for, open_labelled, prepare_out_dir
+from stages.common import Timer, finish, load_model_for, open_labelled, prepare_out_dir
 
 SETTINGS = ("uda", "semi", "supervised")
 CONSISTENCY = ("auto", "dacs", "unimatch")
@@ -78,6 +78,49 @@ class AdaptConfig:
     distill: KDConfig = field(default_factory=KDConfig)  # [distill], --method distill
     pgpc: PGPCConfig = field(default_factory=PGPCConfig)  # [pgpc] section, --method pgpc
     pixl: PiXLConfig = field(default_factory=PiXLConfig)  # [pixl] section, --method pixl
+    reader: ReaderConfig = field(default_factory=ReaderConfig)  # [reader]: acdc, darkzurich, folder
+
+
+# Each method's bare defaults: its paper's GPU recipe (optimiser, schedule, teacher, rare-class
+# sampling, iterations). A TOML file and --set go on top (examples/demo_adapt.toml is the CPU
+# recipe). DAFormer's thing-class feature distance stays off: it needs ImageNet weights.
+_DAFORMER_OPTIM = OptimConfig(  # DAFormer / PGPC Sec. 4.1 / PiXL Sec. 4.3
+    name="adamw", lr=6e-5, head_lr_mult=10.0, weight_decay=0.01, poly_power=1.0,
+    warmup_iters=1500,
+)  # fmt: skip
+_DAFORMER_TEACHER = SelfTrainingConfig(ema_momentum=0.999, ema_ramp=True, rare_class_sampling=True)
+PAPER_RECIPES: dict[str, dict] = {
+    "none": {"optim": _DAFORMER_OPTIM, "iterations": 40_000, "self_training": _DAFORMER_TEACHER},
+    "pgpc": {"optim": _DAFORMER_OPTIM, "iterations": 60_000, "self_training": _DAFORMER_TEACHER},
+    "pixl": {"optim": _DAFORMER_OPTIM, "iterations": 60_000, "self_training": _DAFORMER_TEACHER},
+    # CPSL Sec. 4.1: SGD momentum 0.9, lr 1e-4 (f_SL 5e-4: CPSLConfig.head_lr), weight decay
+    # 2e-4, poly 0.9; momentum networks at a constant 0.999 (no ramp). Iterations: not given.
+    "cpsl": {
+        "optim": OptimConfig(name="sgd", lr=1e-4, head_lr_mult=10.0, weight_decay=2e-4),
+        "self_training": SelfTrainingConfig(ema_momentum=0.999, ema_ramp=False),
+    },
+}
+
+
+def paper_recipe(method: str) -> AdaptConfig:
+    """``AdaptConfig`` with ``method``'s paper recipe as its defaults (``PAPER_RECIPES``; the
+    loop's own defaults for a method without one, e.g. ipixmatch: see its example TOML)."""
+    recipe = PAPER_RECIPES.get(method, {})
+    cfg = AdaptConfig(method=method)
+    if "optim" in recipe:
+        cfg.optim = copy.deepcopy(recipe["optim"])
+    if "self_training" in recipe:
+        cfg.self_training = copy.deepcopy(recipe["self_training"])
+    if "iterations" in recipe:
+        cfg.loop.iterations = recipe["iterations"]
+    return cfg
+
+
+def load_adapt_config(file: Path | None, overrides: dict) -> AdaptConfig:
+    """The run's settings: the chosen method's paper recipe (``paper_recipe``), updated by the
+    TOML ``file`` and then by the command line's dotted ``overrides``."""
+    method = load_config(AdaptConfig, file, overrides).method
+    return load_config(AdaptConfig, file, overrides, base=paper_recipe(method))
 
 
 def _streams(cfg: AdaptConfig) -> tuple[SegDataset, SegDataset | None]:
@@ -89,7 +132,7 @@ def _streams(cfg: AdaptConfig) -> tuple[SegDataset, SegDataset | None]:
             raise UserError("--setting semi needs --target (the partly labelled data)")
         if not share_requested(cfg.labeled_fraction, cfg.labeled_list):
             raise UserError("--setting semi needs --labeled-fraction F or --labeled-list FILE")
-        target = open_dataset(cfg.target, cfg.target_split)
+        target = open_dataset(cfg.target, cfg.target_split, options=cfg.reader)
         labelled, unlabelled = labelled_share(
             target, cfg.labeled_fraction, cfg.labeled_list, cfg.seed
         )
@@ -100,7 +143,7 @@ def _streams(cfg: AdaptConfig) -> tuple[SegDataset, SegDataset | None]:
         return labelled, unlabelled
     if not cfg.source:
         raise UserError(f"--setting {cfg.setting} needs --source (KIND:PATH of labelled data)")
-    source = open_labelled(cfg.source, cfg.source_split, "--source")
+    source = open_labelled(cfg.source, cfg.source_split, "--source", cfg.reader)
     if cfg.setting == "supervised":
         if not share_requested(cfg.labeled_fraction, cfg.labeled_list):
             return source, None
@@ -110,7 +153,7 @@ def _streams(cfg: AdaptConfig) -> tuple[SegDataset, SegDataset | None]:
         raise UserError("--labeled-fraction / --labeled-list: for --setting semi or supervised")
     if not cfg.target:
         raise UserError("--setting uda needs --target (KIND:PATH of unlabelled target data)")
-    return source, open_dataset(cfg.target, cfg.target_split)
+    return source, open_dataset(cfg.target, cfg.target_split, options=cfg.reader)
 
 
 def consistency(cfg: AdaptConfig, method_cls: type[Method] = Method) -> str:
@@ -142,23 +185,23 @@ def run(cfg: AdaptConfig, checkpoint: Path, out: Path) -> dict:
     if method_cls.needs_pseudo_file and not cfg.pseudo:
         raise UserError(f"--method {cfg.method} needs --pseudo pseudo.h5 (pixcli pseudolabel)")
     timer = Timer()
-    out.mkdir(parents=True, exist_ok=True)
     runtime = setup_runtime(cfg.device, cfg.amp, cfg.seed, cfg.channels_last)
     labelled, unlabelled = _streams(cfg)
-    val = open_labelled(cfg.val, cfg.val_split, "--val") if cfg.val else None
+    val = open_labelled(cfg.val, cfg.val_split, "--val", cfg.reader) if cfg.val else None
     inputs = {"checkpoint": file_fingerprint(checkpoint), "labelled": labelled.fingerprint()}
     if unlabelled is not None:
         inputs["unlabelled"] = unlabelled.fingerprint()
     if cfg.pseudo:
         inputs["pseudo"] = file_fingerprint(Path(cfg.pseudo))
-    done = prepare_out_dir(out, "adapt", inputs, to_dict(cfg))
+    student, ckpt = load_model_for(checkpoint, labelled, runtime)
+    input_files = [checkpoint, *([Path(cfg.pseudo)] if cfg.pseudo else [])]
+    done = prepare_out_dir(out, "adapt", inputs, to_dict(cfg), input_files)
     if done is not None:
         shutdown(runtime)
         return done
     if runtime.is_main and share_requested(cfg.labeled_fraction, cfg.labeled_list):
         write_split(out, labelled, unlabelled)
 
-    student, ckpt = load_model_for(checkpoint, labelled, runtime)
     setup = MethodSetup(
         num_classes=student.config.num_classes,
         feature_dim=student.config.feature_dim,
@@ -174,7 +217,7 @@ def run(cfg: AdaptConfig, checkpoint: Path, out: Path) -> dict:
     student.train()
     teacher = copy.deepcopy(student).eval().requires_grad_(False)
     ddp_student = training_model(student, runtime, cfg.sync_bn, cfg.compile)
-    groups = student.param_groups(cfg.optim.lr, cfg.optim.head_lr_mult)
+    groups = model_param_groups(student, cfg.optim)
     method_params = [p for p in method.parameters() if p.requires_grad]
     if method_params:
         groups.append({"params": method_params, "lr": cfg.optim.lr * method.head_lr_mult})
@@ -202,7 +245,7 @@ def run(cfg: AdaptConfig, checkpoint: Path, out: Path) -> dict:
     start = loop.resume()
 
     def stream(ds: SegDataset, salt: int, sampler: object = None) -> object:
-        seed = cfg.seed + 7919 * start + 1000 * runtime.rank + salt
+        seed = cfg.seed + 1000 * runtime.rank + salt  # augmentation: + stream position
         return infinite_loader(
             SegTrainSet(ds, cfg.augment, seed=seed), cfg.batch_size, seed=cfg.seed + salt,
             num_workers=cfg.num_workers, rank=runtime.rank, world_size=runtime.world_size,
@@ -244,6 +287,7 @@ def run(cfg: AdaptConfig, checkpoint: Path, out: Path) -> dict:
     }
     manifest: dict = {}
     if runtime.is_main:
-        manifest = write_manifest(out, "adapt", meta["config"], inputs, results, timer.seconds())
+        paths = {"checkpoint": checkpoint, **({"pseudo": Path(cfg.pseudo)} if cfg.pseudo else {})}
+        manifest = finish(out, "adapt", meta["config"], inputs, results, timer, paths)
     shutdown(runtime)
     return manifest

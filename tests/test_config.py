@@ -83,6 +83,17 @@ def test_examples_demo_adapt_toml_matches_the_demo_adaptation_recipe():
     assert to_dict(load_config(AdaptConfig, example)) == to_dict(demo_adapt())
 
 
+def test_examples_demo_distill_toml_matches_the_demo_distillation_recipe():
+    import dataclasses
+
+    from stages.demo import DemoConfig, demo_distill
+    from stages.distill import DistillConfig
+
+    example = Path(__file__).parent.parent / "examples" / "demo_distill.toml"
+    demo = dataclasses.replace(demo_distill(), student_init=DemoConfig().distill_student)
+    assert to_dict(load_config(DistillConfig, example)) == to_dict(demo)
+
+
 @pytest.mark.parametrize(
     ("name", "stage"),
     [
@@ -113,7 +124,8 @@ def test_every_example_loads_into_its_stage_config(name: str, stage: str):
 def test_every_example_file_is_covered_by_a_test():
     examples = Path(__file__).parent.parent / "examples"
     covered = {
-        "demo.toml", "demo_adapt.toml", "gta5_to_cityscapes_deeplabv2.toml", "cityscapes_eval.toml",
+        "demo.toml", "demo_adapt.toml", "demo_distill.toml", "cityscapes_eval.toml",
+        "gta5_to_cityscapes_deeplabv2.toml",
         "cpsl_gta5_to_cityscapes.toml", "cpsl_synthia_to_cityscapes.toml",
         "ipixmatch_cityscapes_init.toml", "ipixmatch_cityscapes.toml",
         "cpsl_distill_gta5_to_cityscapes.toml",
@@ -152,3 +164,23 @@ def test_pixl_benchmark_example_is_the_demo_adaptation_recipe_with_larger_crops(
     demo = demo_adapt()
     assert (cfg.optim, cfg.batch_size, cfg.augment.flip) == (demo.optim, demo.batch_size, True)
     assert cfg.augment.crop_size == (256, 256) and cfg.method == "pixl"
+
+
+def test_adapt_bare_defaults_are_each_methods_paper_recipe(tmp_path: Path):
+    from pixcli.engine.optim import OptimConfig
+    from stages.adapt import load_adapt_config
+
+    cpsl = load_adapt_config(None, {"method": "cpsl"})
+    assert (cpsl.optim.name, cpsl.optim.lr, cpsl.optim.weight_decay) == ("sgd", 1e-4, 2e-4)
+    assert (cpsl.self_training.ema_momentum, cpsl.self_training.ema_ramp) == (0.999, False)
+    pgpc = load_adapt_config(None, {"method": "pgpc", "optim.lr": 1e-5})
+    assert (pgpc.optim.name, pgpc.optim.lr, pgpc.optim.warmup_iters) == ("adamw", 1e-5, 1500)
+    assert pgpc.self_training.rare_class_sampling and pgpc.loop.iterations == 60_000
+    # the method may come from the file too; the file's settings win over the recipe
+    toml = tmp_path / "r.toml"
+    toml.write_text('method = "none"\n[optim]\nlr = 0.5\n[self_training]\nema_ramp = false\n')
+    none = load_adapt_config(toml, {})
+    assert (none.optim.name, none.optim.lr, none.self_training.ema_ramp) == ("adamw", 0.5, False)
+    assert none.loop.iterations == 40_000
+    # a method without a paper recipe of its own keeps the loop's defaults
+    assert load_adapt_config(None, {"method": "ipixmatch"}).optim == OptimConfig()
