@@ -21,8 +21,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import platform
 import tempfile
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -30,8 +30,8 @@ from typing import Any
 import numpy as np
 import torch
 
-import pixcli
 from pixcli.errors import UserError
+from pixcli.provenance import provenance, versions
 
 CHECKPOINT_FORMAT = "pixcli-checkpoint"
 CHECKPOINT_VERSION = 1
@@ -40,17 +40,53 @@ CHECKPOINT_VERSION = 1
 def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
     """Call ``write(tmp)`` on a temporary file beside ``path``, then rename it into place.
 
-    A crash leaves either the old file or the new one, never a half-written one.
+    A crash leaves either the old file or the new one, never a half-written one. The file
+    gets the mode an ordinary ``open`` would give it (0644 under umask 022), not mkstemp's
+    0600, so that others in the group can read the artifacts.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
         write(Path(tmp))
+        os.chmod(tmp, 0o666 & ~_umask())
+        _fsync(Path(tmp))
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    _fsync(path.parent)  # the rename itself reaches the disk
+
+
+def _umask() -> int:
+    """The process's umask (reading it means setting it; it is put straight back)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _fsync(path: Path) -> None:
+    """Flush a file's (or a directory's entries') data to the disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+# When this process started: temporary files older than that are left over by a killed run.
+_STARTED = time.time()
+
+
+def remove_stale_temporaries(directory: Path) -> list[Path]:
+    """Delete the ``.NAME.*.tmp`` files :func:`atomic_write` left in ``directory`` when a run
+    was killed (those older than this process, so never another live process's)."""
+    removed = []
+    for tmp in directory.glob(".*.tmp"):
+        if tmp.is_file() and not tmp.is_symlink() and tmp.stat().st_mtime < _STARTED:
+            tmp.unlink(missing_ok=True)
+            removed.append(tmp)
+    return removed
 
 
 def write_json(path: Path, data: Any) -> None:
@@ -66,10 +102,18 @@ def read_json(path: Path) -> Any:
         raise UserError(f"{path}: not valid JSON ({exc})") from None
 
 
+def require_file(path: Path, what: str = "file") -> None:
+    """A one-line UserError unless ``path`` is a regular file ("is a directory" or "not
+    found", naming ``what`` it should be)."""
+    if Path(path).is_dir():
+        raise UserError(f"{path}: is a directory, expected a {what}")
+    if not Path(path).is_file():
+        raise UserError(f"{path}: {what} not found")
+
+
 def file_fingerprint(path: Path) -> str:
     """Short sha256 of a file's content; a missing file is a user error naming it."""
-    if not Path(path).is_file():
-        raise UserError(f"{path}: file not found")
+    require_file(path)
     digest = hashlib.sha256()
     with open(path, "rb") as fh:
         for block in iter(lambda: fh.read(1 << 20), b""):
@@ -86,13 +130,11 @@ def save_checkpoint(path: Path, checkpoint: dict) -> None:
 def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dict:
     """Load and check a pixcli checkpoint; any problem is a one-line ``UserError``."""
     path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{path}: checkpoint not found")
+    require_file(path, "checkpoint")
     try:
         data = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:  # torch raises many types for truncated or foreign files
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UserError(f"{path}: not a readable checkpoint ({first[:200]})") from None
+        raise UserError(f"{path}: not a readable checkpoint ({_load_problem(exc)})") from None
     if not isinstance(data, dict) or data.get("format") != CHECKPOINT_FORMAT:
         raise UserError(f"{path}: not a pixcli checkpoint")
     if data.get("version", 0) > CHECKPOINT_VERSION:
@@ -101,6 +143,27 @@ def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dic
         if key not in data:
             raise UserError(f"{path}: checkpoint lacks '{key}'")
     return data
+
+
+def _load_problem(exc: Exception) -> str:
+    """What torch.load said, in one line, without its advice to load unsafely."""
+    text = str(exc).strip()
+    if "Weights only load failed" in text:
+        skip = ("Weights only load failed", "Please file an issue", "Check the documentation")
+        lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+        detail = [ln for ln in lines if not ln.startswith(skip)]
+        why = detail[0].removeprefix("WeightsUnpickler error:").strip() if detail else ""
+        return f"not plain tensors and data, refused unread: {why[:120] or 'unknown content'}"
+    first = text.splitlines()[0] if text else type(exc).__name__
+    return first[:160]
+
+
+def check_finite(path: Path, state_dict: dict) -> None:
+    """Refuse weights holding NaN or infinite values (a run that diverged)."""
+    for name, value in state_dict.items():
+        floating = isinstance(value, torch.Tensor) and value.is_floating_point()
+        if floating and not bool(torch.isfinite(value).all()):
+            raise UserError(f"{path}: weight {name} holds NaN or infinite values")
 
 
 def check_classes(path: Path, checkpoint: dict, classes: list[str] | tuple[str, ...]) -> None:
@@ -113,17 +176,6 @@ def check_classes(path: Path, checkpoint: dict, classes: list[str] | tuple[str, 
         )
 
 
-def versions() -> dict[str, str]:
-    import timm
-
-    return {
-        "pixcli": pixcli.__version__,
-        "torch": torch.__version__,
-        "timm": timm.__version__,
-        "python": platform.python_version(),
-    }
-
-
 def write_manifest(
     out_dir: Path,
     stage: str,
@@ -132,14 +184,18 @@ def write_manifest(
     results: dict,
     wall_time_s: float,
     complete: bool = True,
+    paths: dict[str, Path] | None = None,
 ) -> dict:
-    """``manifest.json``: what ran, on what, how long, and the headline numbers."""
+    """``manifest.json``: what ran, on what, how long, and the headline numbers, with the
+    ``provenance`` (:func:`pixcli.provenance.provenance`: command line, UTC start and end,
+    host, device, git commit, absolute paths of the data and of the input files ``paths``)."""
     manifest = {
         "stage": stage,
         "complete": complete,
         "config": config,
         "inputs": inputs,
         "versions": versions(),
+        "provenance": provenance(config, wall_time_s, paths),
         "wall_time_s": round(wall_time_s, 2),
         "results": results,
     }

@@ -9,6 +9,7 @@ errors naming the key. ``to_dict`` gives the resolved configuration for ``manife
 from __future__ import annotations
 
 import dataclasses
+import math
 import tomllib
 import types
 import typing
@@ -58,7 +59,67 @@ def load_config(
         if value is None:
             continue
         _merge(data, _nest(key.split("."), _plain(value)), "command line")
-    return _build(cls, data, "")
+    cfg = _build(cls, data, "")
+    check_ranges(to_dict(cfg))
+    return cfg
+
+
+# The allowed range of every numeric or named setting, by dotted name or, failing that, by
+# its last part (``batch_size`` anywhere). Each entry: (test, what the value must be).
+Check = tuple[typing.Callable[[Any], bool], str]
+_POSITIVE_INT: Check = (lambda v: v >= 1, "at least 1")
+_NON_NEGATIVE: Check = (lambda v: v >= 0, "0 or more")
+_POSITIVE: Check = (lambda v: v > 0, "a finite number above 0")
+_UNIT: Check = (lambda v: 0 <= v <= 1, "between 0 and 1")
+RANGES: dict[str, Check] = {
+    "batch_size": _POSITIVE_INT,
+    "num_workers": _NON_NEGATIVE,
+    "seed": _NON_NEGATIVE,
+    "loop.iterations": _NON_NEGATIVE,  # 0: model.pt is the initial model (said on screen)
+    "loop.log_every": _POSITIVE_INT,
+    "loop.eval_every": _NON_NEGATIVE,
+    "loop.checkpoint_every": _NON_NEGATIVE,
+    "optim.name": (lambda v: v in ("sgd", "adamw"), "one of sgd, adamw"),
+    "optim.lr": _POSITIVE,
+    "optim.head_lr_mult": _POSITIVE,
+    "optim.weight_decay": _NON_NEGATIVE,
+    "optim.momentum": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    "optim.poly_power": _NON_NEGATIVE,
+    "optim.warmup_iters": _NON_NEGATIVE,
+    "optim.warmup_ratio": _UNIT,
+    "augment.crop_size": _POSITIVE_INT,
+    "augment.base_size": _POSITIVE_INT,
+    "augment.scale_range": _POSITIVE,
+    "augment.color_jitter": _NON_NEGATIVE,
+    "augment.blur_prob": _UNIT,
+    "labeled_fraction": (lambda v: 0 < v <= 1, "in (0, 1]"),
+    "output_stride": _POSITIVE_INT,
+    "ignore_below": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    "rounds": _POSITIVE_INT,
+    "model.num_classes": _POSITIVE_INT,
+    "model.feature_dim": _POSITIVE_INT,
+    "window_batch": _POSITIVE_INT,
+    "adversarial.weight": _NON_NEGATIVE,
+    "adversarial.lr": _POSITIVE,
+}
+
+
+def check_ranges(data: dict, prefix: str = "") -> None:
+    """Refuse a setting outside its range in :data:`RANGES`, or a float that is NaN or
+    infinite, with one line naming the setting (``data``: :func:`to_dict` of a config)."""
+    for key, value in data.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            check_ranges(value, f"{name}.")
+            continue
+        check = RANGES.get(name) or RANGES.get(key)
+        for item in value if isinstance(value, list) else [value]:
+            if isinstance(item, float) and not math.isfinite(item):
+                raise UserError(f"setting '{name}' must be a finite number, got {item}")
+            if check is None or item is None or isinstance(item, bool):
+                continue
+            if not check[0](item):
+                raise UserError(f"setting '{name}' must be {check[1]}, got {value!r}")
 
 
 def _nest(keys: list[str], value: Any) -> dict:
@@ -71,7 +132,8 @@ def _merge(into: dict, new: dict, source: str, prefix: str = "") -> None:
         if key not in into:
             known = ", ".join(sorted(into))
             raise UserError(f"{source}: unknown setting '{name}' (known here: {known})")
-        if isinstance(into[key], dict) and isinstance(value, dict):
+        if isinstance(into[key], dict) and into[key] and isinstance(value, dict):
+            # a section; an empty dict is a free-form table (model.backbone_kwargs)
             _merge(into[key], value, source, f"{name}.")
         elif isinstance(into[key], dict) and into[key] and not isinstance(value, dict):
             raise UserError(f"{source}: '{name}' is a section, not a value")
@@ -114,6 +176,10 @@ def _coerce(hint: Any, value: Any, name: str) -> Any:
         if len(items) != len(value):
             raise UserError(f"setting '{name}' needs {len(items)} values, got {len(value)}")
         return tuple(_coerce(a, v, name) for a, v in zip(items, value, strict=True))
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise UserError(f"setting '{name}' must be a table, e.g. {{depth = 4}}, got {value!r}")
+        return dict(value)
     if origin is list:
         if not isinstance(value, list | tuple):
             raise UserError(f"setting '{name}' must be a list, got {value!r}")
@@ -145,3 +211,26 @@ def parse_set_options(items: list[str]) -> dict[str, Any]:
         except tomllib.TOMLDecodeError:
             out[key.strip()] = raw.strip()
     return out
+
+
+# Settings that change how a run runs, not what it computes: they may differ between a run and
+# its rerun in the same --out (resume, or "already finished").
+RUNTIME_KEYS = frozenset({"device", "num_workers", "compile", "save_predictions", "progress"})
+
+
+def config_differences(
+    old: dict, new: dict, ignore: frozenset[str] = RUNTIME_KEYS, prefix: str = ""
+) -> list[str]:
+    """``key: old -> new`` for every dotted setting that differs between two ``to_dict``
+    configurations, skipping keys whose dotted name or last part is in ``ignore``."""
+    diffs = []
+    for key in sorted(set(old) | set(new), key=str):
+        name = f"{prefix}{key}"
+        if key in ignore or name in ignore:
+            continue
+        a, b = old.get(key, "<unset>"), new.get(key, "<unset>")
+        if isinstance(a, dict) and isinstance(b, dict):
+            diffs.extend(config_differences(a, b, ignore, f"{name}."))
+        elif a != b:
+            diffs.append(f"{name}: {a!r} -> {b!r}")
+    return diffs

@@ -45,7 +45,7 @@ from pixcli.artifacts import (
     write_manifest,
 )
 from pixcli.config import to_dict
-from pixcli.data.readers import SegDataset
+from pixcli.data.readers import ReaderConfig, SegDataset
 from pixcli.data.transforms import AugmentConfig
 from pixcli.engine.inference import InferenceConfig
 from pixcli.engine.optim import OptimConfig
@@ -60,7 +60,7 @@ from pixcli.pseudo_labels import PseudoLabelFile
 from pixcli.reporting import comparison_table, distill_table, print_table
 from stages import adapt, pseudolabel
 from stages import eval as eval_stage
-from stages.common import Timer, open_data, open_labelled, prepare_out_dir
+from stages.common import Timer, finish, open_data, open_labelled, prepare_out_dir
 
 ROUND_STAGE = "distill-round"
 INIT_KINDS = ("pretrained", "scratch", "teacher", "weights", "checkpoint")
@@ -101,15 +101,16 @@ class DistillConfig:
         default_factory=lambda: SelfTrainingConfig(classmix=False)
     )
     eval: InferenceConfig = field(default_factory=InferenceConfig)
+    reader: ReaderConfig = field(default_factory=ReaderConfig)  # [reader]: acdc, darkzurich, folder
 
 
 def run(cfg: DistillConfig, teacher: Path, out: Path) -> dict:
     """Distil ``teacher`` for ``cfg.rounds`` rounds into ``out``; see the module docstring."""
     _check(cfg)
     timer = Timer()
-    source = open_labelled(cfg.source, cfg.source_split, "--source")
-    target = open_data(cfg.target, cfg.target_split, "--target")
-    val = open_labelled(cfg.val, cfg.val_split, "--val") if cfg.val else None
+    source = open_labelled(cfg.source, cfg.source_split, "--source", cfg.reader)
+    target = open_data(cfg.target, cfg.target_split, "--target", reader=cfg.reader)
+    val = open_labelled(cfg.val, cfg.val_split, "--val", cfg.reader) if cfg.val else None
     _check_teacher(teacher, target, source)
     inputs = {
         "teacher": file_fingerprint(teacher),
@@ -123,7 +124,7 @@ def run(cfg: DistillConfig, teacher: Path, out: Path) -> dict:
         inputs["student_init"] = file_fingerprint(init_file)
     # Joined here, so the rounds' stages leave the process group (torchrun) to this one.
     runtime = setup_runtime(cfg.device, cfg.amp, cfg.seed)
-    done = prepare_out_dir(out, "distill", inputs, to_dict(cfg))
+    done = prepare_out_dir(out, "distill", inputs, to_dict(cfg), [teacher])
     if done is not None:
         shutdown(runtime)
         return done
@@ -144,7 +145,8 @@ def run(cfg: DistillConfig, teacher: Path, out: Path) -> dict:
     if runtime.is_main:
         atomic_write(out / "model.pt", lambda tmp: shutil.copyfile(current, tmp))
         _print_summary(rounds)
-        manifest = write_manifest(out, "distill", to_dict(cfg), inputs, results, timer.seconds())
+        paths = {"teacher": teacher}
+        manifest = finish(out, "distill", to_dict(cfg), inputs, results, timer, paths)
     shutdown(runtime)
     return manifest
 
@@ -208,7 +210,7 @@ def _round(
     pcfg = pseudolabel.PseudolabelConfig(
         target=cfg.target, split=cfg.target_split, output_stride=cfg.pseudo_output_stride,
         ignore_below=cfg.distill.threshold, num_workers=cfg.num_workers, seed=seed,
-        device=cfg.device, amp=cfg.amp, inference=cfg.pseudo_inference,
+        device=cfg.device, amp=cfg.amp, inference=cfg.pseudo_inference, reader=cfg.reader,
     )  # fmt: skip
     pseudo_manifest = pseudolabel.run(pcfg, teacher, rdir / "pseudo")
     pseudo = rdir / "pseudo" / pseudolabel.FILE
@@ -250,7 +252,7 @@ def _adapt_config(cfg: DistillConfig, pseudo: Path, seed: int) -> adapt.AdaptCon
         batch_size=cfg.batch_size, num_workers=cfg.num_workers, optim=cfg.optim, loop=cfg.loop,
         augment=cfg.augment, self_training=cfg.self_training, eval=cfg.eval,
         distill=cfg.distill, channels_last=cfg.channels_last, compile=cfg.compile,
-        sync_bn=cfg.sync_bn,
+        sync_bn=cfg.sync_bn, reader=cfg.reader,
     )  # fmt: skip
 
 
@@ -312,7 +314,7 @@ def _evaluate(cfg: DistillConfig, model: Path, out: Path) -> Path:
     assert cfg.val is not None
     ecfg = eval_stage.EvalConfig(
         data=cfg.val, split=cfg.val_split, seed=cfg.seed, device=cfg.device, amp=cfg.amp,
-        eval=cfg.eval,
+        eval=cfg.eval, reader=cfg.reader,
     )  # fmt: skip
     eval_stage.run(ecfg, model, out)
     return out / "metrics.json"

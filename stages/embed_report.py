@@ -22,9 +22,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pixcli.artifacts import atomic_write, file_fingerprint, read_json, write_json, write_manifest
+from pixcli.artifacts import atomic_write, file_fingerprint, read_json, write_json
 from pixcli.config import to_dict
-from pixcli.data.readers import SegDataset
+from pixcli.data.readers import ReaderConfig, SegDataset
 from pixcli.data.taxonomy import Taxonomy
 from pixcli.data.transforms import normalize
 from pixcli.engine.embedding import (
@@ -46,7 +46,7 @@ from pixcli.reporting import (
     markdown_table,
     print_table,
 )
-from stages.common import Timer, load_model_for, open_data, prepare_out_dir
+from stages.common import Timer, finish, load_model_for, open_data, prepare_out_dir
 
 FEATURES = ("auto", "features", "proj")
 SIDE_BY_SIDE = "tsne_side_by_side.png"
@@ -61,6 +61,7 @@ class EmbedReportConfig:
     feature: str = "auto"  # auto (the projection head's when the model has one), features, proj
     silhouette_points: int = 5000  # random subset for the silhouette (quadratic cost)
     tsne: TsneConfig = field(default_factory=TsneConfig)
+    reader: ReaderConfig = field(default_factory=ReaderConfig)  # [reader]: acdc, darkzurich, folder
     seed: int = 0
     device: str = "auto"
     amp: bool = True
@@ -80,7 +81,7 @@ def run(cfg: EmbedReportConfig, checkpoints: list[Path], out: Path) -> dict:
     (under torchrun: on the main rank; the other ranks return ``{}`` at once)."""
     _check(cfg, checkpoints)
     timer = Timer()
-    dataset = open_data(cfg.data, cfg.split, "--data")
+    dataset = open_data(cfg.data, cfg.split, "--data", reader=cfg.reader)
     names = checkpoint_names(checkpoints)
     inputs = {"data": dataset.fingerprint()}
     inputs |= {
@@ -102,7 +103,8 @@ def run(cfg: EmbedReportConfig, checkpoints: list[Path], out: Path) -> dict:
     report = _report(cfg, dataset, results)
     _write(out, dataset.taxonomy, results, report)
     headline = {r.entry["name"]: {k: r.entry[k] for k in SCORES} for r in results}
-    write_manifest(out, "embed-report", to_dict(cfg), inputs, headline, timer.seconds())
+    paths = {f"checkpoint{i}": p for i, p in enumerate(checkpoints)}
+    finish(out, "embed-report", to_dict(cfg), inputs, headline, timer, paths)
     title = f"pixel features on {cfg.data} ({cfg.split}, {report['labels']})"
     print_table(embedding_table(report["checkpoints"], title))
     return report

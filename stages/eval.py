@@ -12,15 +12,15 @@ from pixcli.artifacts import (
     read_json,
     save_label_png,
     write_json,
-    write_manifest,
 )
 from pixcli.config import to_dict
+from pixcli.data.readers import ReaderConfig
 from pixcli.engine.evaluation import evaluate_dataset
 from pixcli.engine.inference import InferenceConfig
 from pixcli.engine.runtime import setup_runtime, shutdown
 from pixcli.errors import UserError
 from pixcli.reporting import metrics_table, print_table
-from stages.common import Timer, load_model_for, open_labelled, prepare_out_dir
+from stages.common import Timer, finish, load_model_for, open_labelled, prepare_out_dir
 
 
 @dataclass
@@ -32,6 +32,7 @@ class EvalConfig:
     amp: bool = True
     save_predictions: bool = False  # palette PNGs in OUT/predictions/
     eval: InferenceConfig = field(default_factory=InferenceConfig)
+    reader: ReaderConfig = field(default_factory=ReaderConfig)  # [reader]: acdc, darkzurich, folder
 
 
 def run(cfg: EvalConfig, checkpoint: Path, out: Path) -> dict:
@@ -39,13 +40,14 @@ def run(cfg: EvalConfig, checkpoint: Path, out: Path) -> dict:
     if not cfg.data:
         raise UserError("--data is required (KIND:PATH of labelled images)")
     timer = Timer()
-    dataset = open_labelled(cfg.data, cfg.split, "--data")
+    dataset = open_labelled(cfg.data, cfg.split, "--data", cfg.reader)
     inputs = {"checkpoint": file_fingerprint(checkpoint), "data": dataset.fingerprint()}
-    done = prepare_out_dir(out, "eval", inputs, to_dict(cfg))
-    if done is not None:
-        return read_json(out / "metrics.json")
     runtime = setup_runtime(cfg.device, cfg.amp, cfg.seed)
     model, _ = load_model_for(checkpoint, dataset, runtime)
+    done = prepare_out_dir(out, "eval", inputs, to_dict(cfg), [checkpoint])
+    if done is not None:
+        shutdown(runtime)
+        return read_json(out / "metrics.json")
     palette = dataset.taxonomy.palette_array()
 
     def save(name: str, pred: np.ndarray) -> None:
@@ -59,7 +61,7 @@ def run(cfg: EvalConfig, checkpoint: Path, out: Path) -> dict:
         headline = {
             k: metrics[k] for k in ("mIoU", "mIoU16", "mIoU13", "mAcc", "aAcc") if k in metrics
         }
-        write_manifest(out, "eval", to_dict(cfg), inputs, headline, timer.seconds())
+        finish(out, "eval", to_dict(cfg), inputs, headline, timer, {"checkpoint": checkpoint})
         print_table(metrics_table(metrics, f"{checkpoint} on {cfg.data} ({cfg.split})"))
     shutdown(runtime)
     return metrics

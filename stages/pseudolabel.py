@@ -21,17 +21,16 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from pixcli.artifacts import file_fingerprint, write_json, write_manifest
+from pixcli.artifacts import file_fingerprint, write_json
 from pixcli.config import to_dict
-from pixcli.data.readers import SegDataset, open_dataset
+from pixcli.data.readers import ReaderConfig, SegDataset, open_dataset
 from pixcli.data.transforms import normalize
 from pixcli.engine.evaluation import evaluate_pseudo_labels
 from pixcli.engine.inference import InferenceConfig, predict_on_grid
 from pixcli.engine.progress import make_progress
 from pixcli.engine.prototypes import PrototypeAccumulator, class_feature_sums, hard_labels
 from pixcli.engine.runtime import Runtime, setup_runtime, shutdown
-from pixcli.engine.trainer import Interrupted
-from pixcli.errors import UserError
+from pixcli.errors import Interrupted, Terminated, UserError
 from pixcli.models import Segmentor
 from pixcli.pseudo_labels import (
     Header,
@@ -43,7 +42,7 @@ from pixcli.pseudo_labels import (
     merge,
 )
 from pixcli.reporting import confidence_table, metrics_table, print_table
-from stages.common import Timer, load_model_for, prepare_out_dir
+from stages.common import Timer, finish, load_model_for, prepare_out_dir
 
 FILE = "pseudo.h5"
 
@@ -60,6 +59,7 @@ class PseudolabelConfig:
     device: str = "auto"
     amp: bool = True
     inference: InferenceConfig = field(default_factory=InferenceConfig)
+    reader: ReaderConfig = field(default_factory=ReaderConfig)  # [reader]: acdc, darkzurich, folder
 
 
 def run(cfg: PseudolabelConfig, checkpoint: Path, out: Path) -> dict:
@@ -67,7 +67,7 @@ def run(cfg: PseudolabelConfig, checkpoint: Path, out: Path) -> dict:
     _check(cfg)
     timer = Timer()
     try:
-        dataset = open_dataset(cfg.target, split=cfg.split)
+        dataset = open_dataset(cfg.target, split=cfg.split, options=cfg.reader)
     except UserError as exc:
         raise UserError(f"--target: {exc}") from None
     inputs = {"checkpoint": file_fingerprint(checkpoint), "target": dataset.fingerprint()}
@@ -79,7 +79,7 @@ def run(cfg: PseudolabelConfig, checkpoint: Path, out: Path) -> dict:
         problem = header.mismatch(PseudoLabelFile(final).header)
         if problem:
             raise UserError(f"{final}: was {problem}; use another --out or delete it")
-    finished = prepare_out_dir(out, "pseudolabel", inputs, to_dict(cfg))
+    finished = prepare_out_dir(out, "pseudolabel", inputs, to_dict(cfg), [checkpoint])
     if finished is not None:
         shutdown(runtime)
         return finished
@@ -97,9 +97,8 @@ def run(cfg: PseudolabelConfig, checkpoint: Path, out: Path) -> dict:
             title = f"pseudo labels of {checkpoint} on {cfg.target} ({cfg.split})"
             print_table(metrics_table(quality, title))
             print_table(confidence_table(quality["confidence"], "pseudo-label accuracy"))
-        manifest = write_manifest(
-            out, "pseudolabel", to_dict(cfg), inputs, results, timer.seconds()
-        )
+        paths = {"checkpoint": checkpoint}
+        manifest = finish(out, "pseudolabel", to_dict(cfg), inputs, results, timer, paths)
     shutdown(runtime)
     return manifest
 
@@ -237,7 +236,7 @@ def _write_images(
     )
     batches = iter(loader)  # workers start here, before the HDF5 file is opened
     num_classes = len(writer.header.classes)
-    interrupted = False
+    interrupted = terminated = False
     with writer, make_progress(runtime.is_main) as progress:
         task = progress.add_task(
             "pseudolabel", total=len(indices), completed=int(writer.done[indices].sum()),
@@ -253,12 +252,13 @@ def _write_images(
                     if not writer.done[i]:
                         writer.write(i, _record(probs[k], pred.features[k], cfg, num_classes))
                         progress.advance(task)
-        except KeyboardInterrupt:
-            interrupted = True  # leaving the with block commits what was written
+        except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM (Terminated)
+            interrupted, terminated = True, isinstance(exc, Terminated)  # the with commits
     if interrupted:
         raise Interrupted(
             f"interrupted after {int(writer.done[indices].sum())} of {len(indices)} images; "
-            "rerun the same command to resume"
+            "rerun the same command to resume",
+            terminated=terminated,
         )
 
 

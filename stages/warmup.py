@@ -12,15 +12,14 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from pixcli.artifacts import write_manifest
 from pixcli.config import to_dict
-from pixcli.data.readers import SegDataset, open_dataset
+from pixcli.data.readers import ReaderConfig, SegDataset, open_dataset
 from pixcli.data.splits import labelled_share, share_requested, write_split
 from pixcli.data.training_set import SegTrainSet, infinite_loader
 from pixcli.data.transforms import AugmentConfig
 from pixcli.engine.evaluation import evaluate_dataset
 from pixcli.engine.inference import InferenceConfig
-from pixcli.engine.optim import OptimConfig, build_optimizer
+from pixcli.engine.optim import OptimConfig, build_optimizer, model_param_groups
 from pixcli.engine.runtime import (
     setup_runtime,
     shutdown,
@@ -38,7 +37,7 @@ from pixcli.losses.adversarial import (
 )
 from pixcli.models import SegmentorConfig, build_segmentor
 from pixcli.models.discriminator import OutputDiscriminator
-from stages.common import Timer, open_labelled, prepare_out_dir
+from stages.common import Timer, finish, open_labelled, prepare_out_dir
 
 
 @dataclass
@@ -74,6 +73,7 @@ class WarmupConfig:
     loop: LoopConfig = field(default_factory=LoopConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     adversarial: AdversarialConfig = field(default_factory=AdversarialConfig)
+    reader: ReaderConfig = field(default_factory=ReaderConfig)  # [reader]: acdc, darkzurich, folder
     eval: InferenceConfig = field(default_factory=InferenceConfig)
 
 
@@ -85,12 +85,16 @@ def run(cfg: WarmupConfig, out: Path) -> dict:
         raise UserError("--adversarial needs --target (KIND:PATH of unlabelled target images)")
     timer = Timer()
     runtime = setup_runtime(cfg.device, cfg.amp, cfg.seed, cfg.channels_last)
-    source = open_labelled(cfg.source, cfg.source_split, "--source")
+    source = open_labelled(cfg.source, cfg.source_split, "--source", cfg.reader)
     share = share_requested(cfg.labeled_fraction, cfg.labeled_list)
     if share:
         source = labelled_share(source, cfg.labeled_fraction, cfg.labeled_list, cfg.seed)[0]
-    val = open_labelled(cfg.val, cfg.val_split, "--val") if cfg.val else None
-    target = open_dataset(cfg.target, cfg.target_split) if cfg.adversarial.enabled else None
+    val = open_labelled(cfg.val, cfg.val_split, "--val", cfg.reader) if cfg.val else None
+    target = (
+        open_dataset(cfg.target, cfg.target_split, options=cfg.reader)
+        if cfg.adversarial.enabled
+        else None
+    )
     taxonomy = source.taxonomy
     inputs = {"source": source.fingerprint()}
     if val is not None:
@@ -109,7 +113,7 @@ def run(cfg: WarmupConfig, out: Path) -> dict:
 
     model = to_device(build_segmentor(cfg.model), runtime).train()
     ddp_model = training_model(model, runtime, cfg.sync_bn, cfg.compile)
-    optimizer = build_optimizer(model.param_groups(cfg.optim.lr, cfg.optim.head_lr_mult), cfg.optim)
+    optimizer = build_optimizer(model_param_groups(model, cfg.optim), cfg.optim)
     modules: dict[str, torch.nn.Module] = {"model": model}
     optimizers: dict[str, torch.optim.Optimizer] = {"model": optimizer}
     disc = ddp_disc = None
@@ -142,9 +146,10 @@ def run(cfg: WarmupConfig, out: Path) -> dict:
 
     def stream(ds: SegDataset, salt: int) -> Iterator[dict]:
         """Batches in the global order (the same on every rank, resumed at ``start``), each
-        rank its slice; augmentation seeded per rank and per resume."""
+        rank its slice; augmentation seeded per rank and by stream position (so a resumed
+        run augments as an uninterrupted one)."""
         return infinite_loader(
-            SegTrainSet(ds, cfg.augment, seed=cfg.seed + 7919 * start + runtime.rank + salt),
+            SegTrainSet(ds, cfg.augment, seed=cfg.seed + 7919 * runtime.rank + salt),
             cfg.batch_size, seed=cfg.seed + salt, num_workers=cfg.num_workers,
             rank=runtime.rank, world_size=runtime.world_size, start=start,
         )  # fmt: skip
@@ -191,7 +196,7 @@ def run(cfg: WarmupConfig, out: Path) -> dict:
     results = {"iterations": result["step"], "val_last": result["last"], "val_best": result["best"]}
     manifest: dict = {}
     if runtime.is_main:
-        manifest = write_manifest(out, "warmup", to_dict(cfg), inputs, results, timer.seconds())
+        manifest = finish(out, "warmup", to_dict(cfg), inputs, results, timer)
     shutdown(runtime)
     return manifest
 

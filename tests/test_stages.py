@@ -10,7 +10,7 @@ import pytest
 import torch
 from tiny import tiny_warmup
 
-from pixcli.artifacts import load_checkpoint, read_json
+from pixcli.artifacts import finished_manifest, load_checkpoint, read_json
 from pixcli.engine.trainer import Interrupted, TrainLoop
 from pixcli.errors import UserError
 from stages import eval as eval_stage
@@ -51,7 +51,7 @@ def test_interrupted_warmup_resumes_where_it_stopped(
     with pytest.raises(Interrupted, match="interrupted at step 2"):
         warmup.run(tiny_warmup(tiny_bench), out)
     assert load_checkpoint(out / "last.pt")["step"] == 2
-    assert not (out / "manifest.json").exists()
+    assert not finished_manifest(out, "warmup")
     monkeypatch.setattr(TrainLoop, "_check_finite", original)
     warmup.run(tiny_warmup(tiny_bench), out)
     steps = [e["step"] for e in _log(out) if "loss_ce" in e]
@@ -64,9 +64,10 @@ def test_resume_with_another_config_is_refused(tiny_bench: Path, tmp_path: Path)
     cfg = tiny_warmup(tiny_bench)
     cfg.loop.iterations = 2
     warmup.run(cfg, out)
-    (out / "manifest.json").unlink()  # pretend it was cut off after the last checkpoint
+    manifest = read_json(out / "manifest.json")  # pretend it was cut off after last.pt
+    (out / "manifest.json").write_text(json.dumps({**manifest, "complete": False}))
     other = tiny_warmup(tiny_bench, batch_size=1)
-    with pytest.raises(UserError, match="another configuration"):
+    with pytest.raises(UserError, match=r"other settings \(batch_size: \d+ -> 1\)"):
         warmup.run(other, out)
 
 
