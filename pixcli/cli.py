@@ -487,12 +487,58 @@ def export(
 @app.command()
 @user_errors
 def show(
-    path: Annotated[Path, typer.Argument(help="A checkpoint, manifest or metrics file.")],
+    path: Annotated[
+        Path, typer.Argument(help="A checkpoint, manifest, metrics, pseudo.h5 or train_log.jsonl.")
+    ],
 ) -> None:
     """Print a summary of any pixcli artifact."""
     from stages import show as stage
 
     stage.run(path)
+
+
+RunsArg = Annotated[
+    list[Path], typer.Argument(help="Run directories (warmup, adapt, distill or eval outputs).")
+]
+
+
+@app.command()
+@user_errors
+def plot(
+    runs: RunsArg,
+    out: Annotated[Path, typer.Option("--out", help="The PNG to write.")] = Path("curves.png"),
+) -> None:
+    """Loss, learning-rate and mIoU curves of one or several runs on shared axes.
+
+    Example: pixcli plot runs/adapt-none runs/adapt-cpsl --out curves.png
+    """
+    from stages import plot as stage
+
+    stage.run(runs, out)
+
+
+@app.command()
+@user_errors
+def report(
+    runs: RunsArg,
+    out: Annotated[Path, typer.Option("--out", help="The HTML file to write.")] = Path(
+        "report.html"
+    ),
+    data: Annotated[
+        str | None,
+        typer.Option(help="Images for the prediction grid, KIND:PATH (default: the evals' data)."),
+    ] = None,
+    split: Annotated[str, typer.Option(help="Split of --data.")] = "val",
+    images: Annotated[int, typer.Option(help="Images in the prediction grid.")] = 4,
+    device: DeviceOpt = "auto",
+) -> None:
+    """One self-contained HTML page: eval metrics table, curves, input | GT | predictions.
+
+    Example: pixcli report runs/demo/eval-warmup runs/demo/eval-cpsl --out report.html
+    """
+    from stages import report as stage
+
+    stage.run(runs, out, data, split, images, device)
 
 
 @app.command()

@@ -1,4 +1,5 @@
-"""``pixcli eval``: metrics of a checkpoint on labelled data, with sliding-window inference."""
+"""``pixcli eval``: metrics of a checkpoint on labelled data, with sliding-window inference:
+``metrics.json``, ``confusion.png`` (row-normalised) and ``manifest.json``."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from pixcli.engine.evaluation import evaluate_dataset
 from pixcli.engine.inference import InferenceConfig
 from pixcli.engine.runtime import setup_runtime, shutdown
 from pixcli.errors import UserError
+from pixcli.figures import confusion_png, save_png_bytes
 from pixcli.reporting import metrics_table, print_table
 from stages.common import Timer, finish, load_model_for, open_labelled, prepare_out_dir
 
@@ -58,6 +60,8 @@ def run(cfg: EvalConfig, checkpoint: Path, out: Path) -> dict:
     )
     if runtime.is_main:
         write_json(out / "metrics.json", metrics)
+        picture = confusion_png(metrics["confusion"], list(metrics["per_class"]))
+        save_png_bytes(out / "confusion.png", picture)
         headline = {
             k: metrics[k] for k in ("mIoU", "mIoU16", "mIoU13", "mAcc", "aAcc") if k in metrics
         }

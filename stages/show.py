@@ -1,4 +1,5 @@
-"""``pixcli show PATH``: a summary of any pixcli artifact."""
+"""``pixcli show PATH``: a summary of any pixcli artifact (checkpoint, manifest, metrics,
+pseudo.h5, train_log.jsonl)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,9 @@ from rich.table import Table
 
 from pixcli import pseudo_labels
 from pixcli.artifacts import load_checkpoint, read_json
+from pixcli.engine.tracking import read_log
 from pixcli.errors import UserError
+from pixcli.figures import loss_keys
 from pixcli.reporting import metrics_table, print_table, stdout
 
 
@@ -24,6 +27,8 @@ def run(path: Path) -> None:
         show_checkpoint(path)
     elif path.suffix in (".h5", ".hdf5"):
         show_hdf5(path)
+    elif path.suffix == ".jsonl":
+        show_train_log(path)
     elif path.suffix == ".json":
         data = read_json(path)
         if isinstance(data, dict) and "per_class" in data:
@@ -33,7 +38,10 @@ def run(path: Path) -> None:
         else:
             stdout.print_json(json.dumps(data, default=str))
     else:
-        raise UserError(f"{path}: not a pixcli artifact (.pt, .h5, manifest.json, metrics.json)")
+        raise UserError(
+            f"{path}: not a pixcli artifact (.pt, .h5, manifest.json, metrics.json, "
+            "train_log.jsonl)"
+        )
 
 
 def _kv_table(title: str, rows: dict) -> Table:
@@ -59,6 +67,32 @@ def show_checkpoint(path: Path) -> None:
         "resumable": "yes" if "train_state" in ckpt else "no (weights only)",
         "inputs": meta.get("inputs", {}),
     }
+    print_table(_kv_table(str(path), rows))
+
+
+def show_train_log(path: Path) -> None:
+    """A training log: steps, speed, the last value of each loss, the best validation and the
+    pseudo labels' last mIoU."""
+    log = read_log(path)
+    if not log:
+        raise UserError(f"{path}: no training-log entries (one JSON object per line, with step)")
+    train = [e for e in log if "lr_factor" in e]
+    val = [e for e in log if isinstance(e.get("val_mIoU"), int | float)]
+    rows: dict = {"entries": str(len(log)), "steps": f"{log[0]['step']} .. {log[-1]['step']}"}
+    if train:
+        rates = [e["it_s"] for e in train if isinstance(e.get("it_s"), int | float)]
+        if rates:
+            rows["it/s (last)"] = f"{rates[-1]:.2f}"
+        for key in loss_keys(train):
+            last = next(e for e in reversed(train) if key in e)
+            rows[f"{key} (step {last['step']})"] = f"{last[key]:.4f}"
+        pl = [e for e in train if isinstance(e.get("pl_mIoU"), int | float)]
+        if pl:
+            rows[f"pl_mIoU (step {pl[-1]['step']})"] = f"{pl[-1]['pl_mIoU']:.1f}"
+    if val:
+        best = max(val, key=lambda e: e["val_mIoU"])
+        rows["val mIoU (last)"] = f"{val[-1]['val_mIoU']:.1f} at step {val[-1]['step']}"
+        rows["val mIoU (best)"] = f"{best['val_mIoU']:.1f} at step {best['step']}"
     print_table(_kv_table(str(path), rows))
 
 
