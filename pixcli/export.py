@@ -106,7 +106,8 @@ def run_exported(fmt: str, path: Path, x: Tensor) -> np.ndarray:
 
         session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
         return session.run(None, {"image": x.numpy()})[0]
-    with torch.no_grad():
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # torch.jit is deprecated, still works
         return torch.jit.load(str(path), map_location="cpu")(x).numpy()
 
 
