@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -19,6 +20,15 @@ class OptimConfig:
     poly_power: float = 0.9
     warmup_iters: int = 0  # linear warm-up from warmup_ratio * lr
     warmup_ratio: float = 1e-6
+    # Foundation-model fine-tuning (off by default; see Segmentor.param_groups):
+    layer_decay: float = 1.0  # ViT layer i of n trains at lr * layer_decay ** (n - 1 - i)
+    freeze_backbone: bool = False  # train only the heads (and a ViT's pyramid neck)
+
+
+def model_param_groups(model: Any, cfg: OptimConfig) -> list[dict]:
+    """``model.param_groups`` (a :class:`~pixcli.models.Segmentor`) with ``cfg``'s lr, head
+    multiplier, layer-wise decay and frozen-backbone settings."""
+    return model.param_groups(cfg.lr, cfg.head_lr_mult, cfg.layer_decay, cfg.freeze_backbone)
 
 
 def build_optimizer(param_groups: list[dict], cfg: OptimConfig) -> torch.optim.Optimizer:

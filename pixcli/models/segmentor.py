@@ -13,6 +13,7 @@ from torch import Tensor, nn
 from pixcli.errors import UserError
 from pixcli.models.backbone import OUTPUT_STRIDES, Backbone, create_backbone
 from pixcli.models.heads import HEADS, ProjectionHead
+from pixcli.models.vit import ViTBackbone
 
 
 @dataclass
@@ -20,13 +21,17 @@ class SegmentorConfig:
     """Architecture of a :class:`Segmentor`; plain data, stored in checkpoints.
 
     Attributes:
-        backbone: any timm model name (``pvt_v2_b5`` is MiT-B5, DAFormer's encoder).
+        backbone: any timm model name (``pvt_v2_b5`` is MiT-B5, DAFormer's encoder; plain
+            ViTs such as ``vit_small_patch14_dinov2`` get a 4-level pyramid, see
+            :mod:`pixcli.models.vit`), or ``hf-hub:ORG/REPO``.
         head: a key of :data:`pixcli.models.HEADS`.
         num_classes: number of classes of the classifier.
         pretrained: load timm's registry weights into the backbone.
         weights_file: local backbone weights (SegFormer ``mit_b*.pth``, timm ``.pth`` or
             ``.safetensors``); takes precedence over ``pretrained``.
         output_stride: passed to timm when set (8 or 16 dilate ResNets; None = model's own).
+        backbone_kwargs: more ``timm.create_model`` arguments (``drop_path_rate = 0.1``;
+            ``depth``/``embed_dim``/``num_heads`` for a smaller model of a family).
         feature_dim: channels D of the decoder pixel features.
         proj_dim: size of the projection head (PGPC/PiXL: 256); None = no projection head.
         dropout: channel dropout before the classifier.
@@ -38,6 +43,7 @@ class SegmentorConfig:
     pretrained: bool = False
     weights_file: str | None = None
     output_stride: int | None = None
+    backbone_kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)
     feature_dim: int = 256
     proj_dim: int | None = None
     dropout: float = 0.1
@@ -107,7 +113,7 @@ class Segmentor(nn.Module):
         backbone, decoder, classifier, projector: the parts (``projector`` may be None).
     """
 
-    def __init__(self, config: SegmentorConfig, backbone: Backbone) -> None:
+    def __init__(self, config: SegmentorConfig, backbone: Backbone | ViTBackbone) -> None:
         super().__init__()
         self.config = config
         self.backbone = backbone
@@ -136,20 +142,56 @@ class Segmentor(nn.Module):
         proj = self.projector(features) if self.projector is not None else None
         return SegOutput(logits=self.classifier(features), features=features, proj=proj)
 
-    def param_groups(self, lr: float, head_lr_mult: float = 10.0) -> list[dict[str, Any]]:
+    def param_groups(
+        self,
+        lr: float,
+        head_lr_mult: float = 10.0,
+        layer_decay: float = 1.0,
+        freeze_backbone: bool = False,
+    ) -> list[dict[str, Any]]:
         """Optimizer groups: backbone at ``lr``, every head at ``lr * head_lr_mult``.
 
         The 10x head learning rate is the papers' convention (DeepLab/ProDA/CPSL for SGD,
         DAFormer/PGPC/PiXL for AdamW). Each group carries ``name`` and ``lr_mult`` for
-        schedulers.
+        schedulers. A ViT's pyramid neck is new and trains with the heads.
+
+        Args:
+            layer_decay: < 1 gives a ViT's layer ``i`` of ``n`` (:meth:`ViTBackbone.layer_id`:
+                embeddings 0, block ``j`` ``j + 1``, final norm ``n - 1``) the lr
+                ``lr * layer_decay ** (n - 1 - i)``, one group ``backbone.layer{i}`` each
+                (BEiT; UniMatch V2 / VFM-UDA fine-tune DINOv2 so). ViT backbones only.
+            freeze_backbone: the pretrained backbone gets ``requires_grad=False`` and no
+                group (only the heads and a ViT's neck train).
         """
-        backbone = list(self.backbone.parameters())
-        in_backbone = {id(p) for p in backbone}
+        if not 0.0 < layer_decay <= 1.0:
+            raise UserError(f"optim.layer_decay must be in (0, 1], got {layer_decay}")
+        backbone = self.backbone
+        vit = isinstance(backbone, ViTBackbone)
+        pretrained = backbone.body if vit else backbone
+        in_backbone = {id(p) for p in pretrained.parameters()}
         heads = [p for p in self.parameters() if id(p) not in in_backbone]
-        return [
-            {"name": "backbone", "params": backbone, "lr": lr, "lr_mult": 1.0},
-            {"name": "heads", "params": heads, "lr": lr * head_lr_mult, "lr_mult": head_lr_mult},
-        ]
+        head_lr = lr * head_lr_mult
+        head_group = {"name": "heads", "params": heads, "lr": head_lr, "lr_mult": head_lr_mult}
+        if freeze_backbone:
+            pretrained.requires_grad_(False)
+            return [head_group]
+        if layer_decay == 1.0:
+            params = list(pretrained.parameters())
+            return [{"name": "backbone", "params": params, "lr": lr, "lr_mult": 1.0}, head_group]
+        if not vit:
+            raise UserError(
+                f"optim.layer_decay={layer_decay}: layer-wise lr decay needs a ViT backbone "
+                f"(vit_*), not '{self.config.backbone}'; leave it at 1"
+            )
+        layers: dict[int, list[nn.Parameter]] = {}
+        for name, param in pretrained.named_parameters():
+            layers.setdefault(backbone.layer_id(name), []).append(param)
+        groups = []
+        for i in sorted(layers):
+            mult = layer_decay ** (backbone.num_layers - 1 - i)
+            name = f"backbone.layer{i}"
+            groups.append({"name": name, "params": layers[i], "lr": lr * mult, "lr_mult": mult})
+        return [*groups, head_group]
 
 
 def build_segmentor(cfg: SegmentorConfig, *, load_weights: bool = True) -> Segmentor:
@@ -166,6 +208,7 @@ def build_segmentor(cfg: SegmentorConfig, *, load_weights: bool = True) -> Segme
         pretrained=cfg.pretrained and load_weights,
         weights_file=cfg.weights_file if load_weights else None,
         output_stride=cfg.output_stride,
+        kwargs=cfg.backbone_kwargs,
     )
     return Segmentor(cfg, backbone)
 
