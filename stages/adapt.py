@@ -209,6 +209,10 @@ def run(cfg: AdaptConfig, checkpoint: Path, out: Path) -> dict:
         unlabelled=unlabelled,
         pseudo=Path(cfg.pseudo) if cfg.pseudo else None,
         total_steps=cfg.loop.iterations,
+        checkpoint_fingerprint=inputs["checkpoint"],
+        target_fingerprint=open_dataset(cfg.target, cfg.target_split).fingerprint()
+        if cfg.pseudo and cfg.target
+        else None,
     )
     method_cfg = getattr(cfg, cfg.method, None)  # the method's own section, if it has one
     method = method_cls(setup, method_cfg) if method_cfg is not None else method_cls(setup)

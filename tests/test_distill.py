@@ -15,7 +15,13 @@ import torch.nn.functional as F
 from tiny import tiny_warmup
 from typer.testing import CliRunner
 
-from pixcli.artifacts import file_fingerprint, load_checkpoint, read_json, save_checkpoint
+from pixcli.artifacts import (
+    file_fingerprint,
+    finished_manifest,
+    load_checkpoint,
+    read_json,
+    save_checkpoint,
+)
 from pixcli.cli import app
 from pixcli.data.readers import open_dataset
 from pixcli.data.taxonomy import IGNORE_INDEX
@@ -230,7 +236,7 @@ def test_interrupted_round_resumes_without_redoing_round_one(
     with pytest.raises(Interrupted):
         distill.run(cfg, teacher, out)
     assert (out / "round1" / "manifest.json").is_file()
-    assert not (out / "round2" / "manifest.json").exists()
+    assert not finished_manifest(out / "round2", "distill-round")
     assert load_checkpoint(out / "round2" / "train" / "last.pt")["step"] == 1
     stamp = (out / "round1" / "train" / "model.pt").stat().st_mtime_ns
 
@@ -321,7 +327,7 @@ def test_bad_input_is_one_user_error(
     chosen = tmp_path / teacher_name if teacher_name else teacher
     with pytest.raises(UserError, match=message):
         distill.run(_cfg(tiny_bench, **changes), chosen, tmp_path / "d")
-    assert not (tmp_path / "d" / "round1" / "manifest.json").exists()
+    assert not finished_manifest(tmp_path / "d" / "round1", "distill-round")
 
 
 def test_cli_runs_a_round_and_reports_errors_in_one_line(

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from test_pseudo_labels import assert_same_content
 from typer.testing import CliRunner
 
-from pixcli.artifacts import read_json, save_checkpoint
+from pixcli.artifacts import finished_manifest, read_json, save_checkpoint
 from pixcli.cli import app
 from pixcli.data.readers import open_dataset
 from pixcli.data.taxonomy import CITYSCAPES
@@ -128,7 +128,7 @@ def test_ctrl_c_then_rerun_gives_the_same_file(
     monkeypatch.setattr(PseudoLabelWriter, "write", interrupt_at_third_image)
     with pytest.raises(Interrupted, match="interrupted after 2 of 4 images"):
         pseudolabel.run(_config(tiny_bench), ckpt, tmp_path)
-    assert not (tmp_path / "manifest.json").exists() and not (tmp_path / "pseudo.h5").exists()
+    assert not finished_manifest(tmp_path, "pseudolabel") and not (tmp_path / "pseudo.h5").exists()
     monkeypatch.setattr(PseudoLabelWriter, "write", original)
     resumed = pseudolabel.run(_config(tiny_bench), ckpt, tmp_path)
     assert_same_content(clean / "pseudo.h5", tmp_path / "pseudo.h5")

@@ -37,6 +37,7 @@ Every reader error is a :class:`~pixcli.errors.UserError` naming the path and th
 from __future__ import annotations
 
 import hashlib
+import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from functools import cache
@@ -168,9 +169,24 @@ def _map_ids(ids: np.ndarray, table: str) -> np.ndarray:
     return lut[np.clip(ids.astype(np.int64), 0, lut.size - 1)]
 
 
+LABELID_COUNT = 34  # Cityscapes/GTA5 labelIds are 0..33 (void ones included)
+_warned_label_dirs: set[Path] = set()
+
+
 def _labelid_label(path: Path, taxonomy: Taxonomy) -> np.ndarray:
-    """Cityscapes/GTA5 labelIds -> train ids."""
-    return _map_ids(read_index_png(path), "labelids")
+    """Cityscapes/GTA5 labelIds -> train ids. Ids outside 0..33 are not labelIds at all: they
+    become ignore too, with a warning (once per folder and process) giving their share."""
+    ids = read_index_png(path)
+    unknown = ids >= LABELID_COUNT
+    if unknown.any() and path.parent not in _warned_label_dirs:
+        _warned_label_dirs.add(path.parent)
+        print(
+            f"warning: {path}: {100 * unknown.mean():.1f}% of pixels have label ids outside "
+            f"the labelId table (0..{LABELID_COUNT - 1}, e.g. {int(ids[unknown][0])}); they "
+            "are ignored (further files in this folder are not reported)",
+            file=sys.stderr,
+        )
+    return _map_ids(ids, "labelids")
 
 
 def _synthia_label(path: Path, taxonomy: Taxonomy) -> np.ndarray:

@@ -5,13 +5,14 @@ and cut into per-rank slices of each global batch, so that N processes with batc
 the same images per step as one process with batch N * b, and a resumed run continues
 the order where it stopped.
 
-Augmentation randomness: item ``i`` draws from a fresh ``np.random.Generator`` seeded with
-``(seed, i, worker seed, call counter)``. The worker seed (0 in the main process) is the
-one the DataLoader draws for each worker from its ``generator`` (seeded in
-:func:`infinite_loader`) when the (persistent) workers start; the per-copy call counter
-advances with every item drawn. So epochs differ, and a run with the same seeds and worker
-count repeats exactly. Stages give each rank its own ``SegTrainSet`` seed, so ranks
-augment differently.
+Augmentation randomness: the ``n``-th item a loader of :func:`infinite_loader` draws,
+dataset item ``i``, is augmented with a fresh ``np.random.Generator`` seeded with
+``(seed, i, n)`` (the loader hands ``(i, n)`` to the dataset). ``n`` counts from
+``start * batch_size``, so it depends only on the position in the stream: epochs differ,
+the number of workers does not matter, and a run resumed at step ``start`` augments every
+later item exactly as an uninterrupted run does. Stages give each rank its own
+``SegTrainSet`` seed, so ranks augment differently. Indexing ``SegTrainSet`` with a plain
+``i`` draws ``(seed, i, worker seed, call counter)`` instead.
 """
 
 from __future__ import annotations
@@ -51,20 +52,25 @@ class SegTrainSet(Dataset):
     def __len__(self) -> int:
         return len(self.ds)
 
-    def rng(self, i: int) -> np.random.Generator:
-        """A new generator for one draw of item ``i`` (see the module docstring)."""
-        self._calls += 1
-        worker = get_worker_info()
-        entropy = [self.seed, i, worker.seed if worker is not None else 0, self._calls]
+    def rng(self, i: int, draw: int | None = None) -> np.random.Generator:
+        """A new generator for item ``i`` as the stream's ``draw``-th item, or (``None``)
+        for the next call (see the module docstring)."""
+        if draw is None:
+            self._calls += 1
+            worker = get_worker_info()
+            entropy = [self.seed, i, worker.seed if worker is not None else 0, self._calls]
+        else:
+            entropy = [self.seed, i, 1 << 32, draw]  # 1 << 32: never a worker seed's draw
         return np.random.default_rng(np.random.SeedSequence(entropy))
 
-    def __getitem__(self, i: int) -> dict[str, Any]:
+    def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any]:
+        i, draw = key if isinstance(key, tuple) else (key, None)
         image, label, _ = self.ds[i]
         h, w = image.shape[:2]
         geometry = CropGeometry((h, w), 0, 0, (h, w), False)
         if self.augment_cfg is not None:
             image, label, geometry = augment_with_geometry(
-                image, label, self.augment_cfg, self.rng(i)
+                image, label, self.augment_cfg, self.rng(i, draw)
             )
         if label is None:
             target = torch.full(image.shape[:2], IGNORE_INDEX, dtype=torch.long)
@@ -156,6 +162,27 @@ class GlobalOrderSampler(Sampler[int]):
             epoch, first = epoch + 1, 0
 
 
+class NumberedSampler(Sampler[tuple[int, int]]):
+    """``(i, n)`` for the ``n``-th index ``i`` of ``sampler``, ``n`` counted from ``first``
+    across every pass over it (so that :class:`SegTrainSet` seeds by stream position)."""
+
+    def __init__(self, sampler: Any, first: int = 0) -> None:
+        self.sampler = sampler
+        self.next = first
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        for i in self.sampler:
+            n, self.next = self.next, self.next + 1
+            yield int(i), n
+
+    def set_epoch(self, epoch: int) -> None:
+        if hasattr(self.sampler, "set_epoch"):
+            self.sampler.set_epoch(epoch)
+
+
 def infinite_loader(
     dataset: Dataset,
     batch_size: int,
@@ -195,7 +222,7 @@ def infinite_loader(
     loader = DataLoader(
         dataset,
         batch_size=batch_size,
-        sampler=sampler,
+        sampler=NumberedSampler(sampler, start * batch_size),
         num_workers=num_workers,
         drop_last=drop_last,
         generator=generator,

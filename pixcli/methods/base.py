@@ -38,6 +38,10 @@ class MethodSetup:
     unlabelled: SegDataset | None = None  # the unlabelled stream's dataset (target)
     pseudo: Path | None = None  # pseudo.h5 from `pixcli pseudolabel`
     total_steps: int = 1
+    # what pseudo.h5 must have been made from (its checkpoint / dataset_fingerprint
+    # attributes), when known: the run's --checkpoint and its whole --target
+    checkpoint_fingerprint: str | None = None
+    target_fingerprint: str | None = None
 
 
 @dataclass

@@ -7,6 +7,7 @@ import torch
 from torch import Tensor
 
 from pixcli.data.training_set import geometry_from_tensor
+from pixcli.engine.progress import console
 from pixcli.errors import UserError
 from pixcli.methods.base import MethodSetup, StepContext
 from pixcli.pseudo_labels import PseudoLabelFile
@@ -15,8 +16,11 @@ from pixcli.pseudo_labels import PseudoLabelFile
 class PseudoSoftLabels:
     """The ``pseudo.h5`` of ``setup``, checked against the unlabelled dataset.
 
-    Refused (UserError): no file or no unlabelled data, other classes than the target's, a
-    target image without pseudo labels. ``rows[i]`` is the file's row of dataset index ``i``.
+    Refused (UserError): no file or no unlabelled data, a file made from other target data
+    (its ``dataset_fingerprint``), other classes than the target's, a target image without
+    pseudo labels. A file made by another checkpoint than the run's gets a warning (it may
+    be on purpose: labels from a stronger model). ``rows[i]`` is the file's row of dataset
+    index ``i``.
     """
 
     def __init__(self, setup: MethodSetup, method: str) -> None:
@@ -25,6 +29,19 @@ class PseudoSoftLabels:
                 f"--method {method} needs --pseudo pseudo.h5 and unlabelled target data"
             )
         self.file = PseudoLabelFile(setup.pseudo)
+        made_from = self.file.header
+        if setup.target_fingerprint and made_from.dataset_fingerprint != setup.target_fingerprint:
+            raise UserError(
+                f"{setup.pseudo}: made from target data with fingerprint "
+                f"{made_from.dataset_fingerprint} ({made_from.dataset}), but this run's target "
+                f"has fingerprint {setup.target_fingerprint}; run pixcli pseudolabel on it"
+            )
+        if setup.checkpoint_fingerprint and made_from.checkpoint != setup.checkpoint_fingerprint:
+            console.print(
+                f"warning: {setup.pseudo} was made by checkpoint {made_from.checkpoint}, not by "
+                f"--checkpoint ({setup.checkpoint_fingerprint})",
+                highlight=False,
+            )
         if list(self.file.classes) != [str(c) for c in setup.unlabelled.taxonomy.classes]:
             raise UserError(f"{setup.pseudo}: made for other classes than the target's")
         names = [item[2] for item in setup.unlabelled.items]

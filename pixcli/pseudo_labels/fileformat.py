@@ -6,6 +6,7 @@ described in :mod:`pixcli.pseudo_labels`.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -16,6 +17,7 @@ import h5py
 import numpy as np
 
 import pixcli
+from pixcli.artifacts import require_file
 from pixcli.data.taxonomy import IGNORE_INDEX
 from pixcli.errors import UserError
 from pixcli.pseudo_labels.quantize import grid_size
@@ -125,8 +127,7 @@ def first_line(exc: BaseException) -> str:
 def open_h5(path: Path, mode: str = "r") -> h5py.File:
     """Open an existing pseudo.h5 or work file; unreadable or foreign files are one-line
     UserErrors."""
-    if not path.is_file():
-        raise UserError(f"{path}: pseudo-label file not found")
+    require_file(path, "pseudo-label file")
     try:
         fh = h5py.File(path, mode)
     except OSError as exc:
@@ -144,6 +145,11 @@ def open_h5(path: Path, mode: str = "r") -> h5py.File:
         missing = [k for k in ("names", "image_size", *CHUNKED, "prototypes") if k not in fh]
         if missing:
             problem = f"damaged pseudo-label file (lacks {', '.join(missing)})"
+        elif HEADER_CHECKSUM in fh.attrs and as_str(fh.attrs[HEADER_CHECKSUM]) != header_digest(fh):
+            problem = (
+                "damaged pseudo-label file (its attributes or image names do not match their "
+                f"checksum {HEADER_CHECKSUM}); delete it and run pixcli pseudolabel again"
+            )
     if problem:
         fh.close()
         raise UserError(f"{path}: {problem}")
@@ -159,6 +165,29 @@ def read_or_fail(path: Path, what: str, read: Callable[[], Any]) -> Any:
             f"{path}: {what} is unreadable, the file is damaged ({first_line(exc)}); "
             "delete it and run pixcli pseudolabel again"
         ) from None
+
+
+# ---------------------------------------------------------------------------- checksums
+
+HEADER_CHECKSUM = "header_sha256"
+
+
+def header_digest(fh: h5py.File) -> str:
+    """sha256 of every root attribute (but the checksum itself) and of the image names,
+    which (variable-length strings) cannot carry HDF5's Fletcher-32 checksum."""
+    digest = hashlib.sha256()
+    for key in sorted(k for k in fh.attrs if k != HEADER_CHECKSUM):
+        value = fh.attrs[key]
+        text = _strs(value) if isinstance(value, np.ndarray) else as_str(value)
+        digest.update(f"{key}\0{text}\0".encode())
+    for name in _strs(fh["names"][()]):
+        digest.update(f"{name}\n".encode())
+    return digest.hexdigest()
+
+
+def seal_header(fh: h5py.File) -> None:
+    """Store :func:`header_digest` (call after the last change to the attributes)."""
+    fh.attrs[HEADER_CHECKSUM] = header_digest(fh)
 
 
 # ---------------------------------------------------------------------------- layout
@@ -190,13 +219,14 @@ def create_layout(fh: h5py.File, header: Header, sizes: np.ndarray, work: bool) 
             "pixcli_version": pixcli.__version__,
             "quantization": QUANTIZATION,
             "prototype_features": PROTOTYPE_FEATURES,
-            "compression": f"gzip level {GZIP_LEVEL} + fletcher32, one image per chunk",
+            "compression": f"gzip level {GZIP_LEVEL} + fletcher32, one image per chunk; "
+            f"fletcher32 on every other dataset; {HEADER_CHECKSUM} over attributes and names",
             "ignore_index": IGNORE_INDEX,
         }
     )
-    fh.create_dataset("names", data=np.array(header.names, dtype=text))
-    fh.create_dataset("image_size", data=sizes)
-    fh.create_dataset("grid_size", data=grids)
+    fh.create_dataset("names", data=np.array(header.names, dtype=text))  # in HEADER_CHECKSUM
+    fh.create_dataset("image_size", data=sizes, fletcher32=True)
+    fh.create_dataset("grid_size", data=grids, fletcher32=True)
     chunked = {
         "soft": ((n, c, hmax, wmax), np.uint8, 0),
         "hard": ((n, hmax, wmax), np.uint8, IGNORE_INDEX),
@@ -204,15 +234,20 @@ def create_layout(fh: h5py.File, header: Header, sizes: np.ndarray, work: bool) 
     }
     if work:
         chunked["feature_sums_per_image"] = ((n, c, d), np.float32, 0)
-        fh.create_dataset("done", data=np.zeros(n, np.uint8))
+        fh.create_dataset("done", data=np.zeros(n, np.uint8), fletcher32=True)
     for name, (shape, dtype, fill) in chunked.items():
         fh.create_dataset(
             name, shape, dtype, chunks=(1, *shape[1:]), compression="gzip",
             compression_opts=GZIP_LEVEL, fletcher32=True, fillvalue=fill,
         )  # fmt: skip
-    fh.create_dataset("class_counts_per_image", data=np.zeros((n, c), np.int32))
-    fh.create_dataset("prototypes", data=np.zeros((c, d), np.float32))
-    fh.create_dataset("class_counts", data=np.zeros(c, np.int64))
-    fh.create_dataset("class_distribution", data=np.zeros(c, np.float64))
+    small = {
+        "class_counts_per_image": np.zeros((n, c), np.int32),
+        "prototypes": np.zeros((c, d), np.float32),
+        "class_counts": np.zeros(c, np.int64),
+        "class_distribution": np.zeros(c, np.float64),
+    }
+    for name, zeros in small.items():
+        fh.create_dataset(name, data=zeros, fletcher32=True)
     for name in fh:
         fh[name].attrs["description"] = DESCRIPTIONS[name]
+    seal_header(fh)

@@ -45,12 +45,13 @@ class PseudoLabelFile:
                     f"{len(fh['names'])} images written); rerun that command to finish it"
                 )
             self.header = read_or_fail(self.path, "the header", lambda: Header.from_file(fh))
-            self.image_sizes = fh["image_size"][()]
-            self.grid_sizes = fh["grid_size"][()]
-            self.class_counts_per_image = fh["class_counts_per_image"][()]
-            self.prototypes = fh["prototypes"][()]
-            self.class_counts = fh["class_counts"][()]
-            self.class_distribution = fh["class_distribution"][()]
+            small = read_small(self.path, fh)
+        self.image_sizes = small["image_size"]
+        self.grid_sizes = small["grid_size"]
+        self.class_counts_per_image = small["class_counts_per_image"]
+        self.prototypes = small["prototypes"]
+        self.class_counts = small["class_counts"]
+        self.class_distribution = small["class_distribution"]
         self._index = {name: i for i, name in enumerate(self.header.names)}
 
     @property
@@ -144,6 +145,25 @@ class PseudoLabelFile:
         return state
 
 
+SMALL = (
+    "image_size", "grid_size", "class_counts_per_image", "prototypes", "class_counts",
+    "class_distribution",
+)  # fmt: skip
+
+
+def read_small(path: Path, fh: h5py.File) -> dict[str, np.ndarray]:
+    """Every dataset but the per-image chunks, checksums verified (a damaged one is a
+    UserError), refusing NaN or infinite prototypes and class distribution."""
+    out = {name: read_or_fail(path, name, lambda name=name: fh[name][()]) for name in SMALL}
+    for name in ("prototypes", "class_distribution"):
+        if not np.isfinite(out[name]).all():
+            raise UserError(
+                f"{path}: {name} holds NaN or infinite values, the file is damaged; "
+                "delete it and run pixcli pseudolabel again"
+            )
+    return out
+
+
 # ---------------------------------------------------------------------------- summary
 
 
@@ -153,9 +173,9 @@ def summary(path: Path) -> dict[str, Any]:
         header = read_or_fail(path, "the header", lambda: Header.from_file(fh))
         complete = bool(int(fh.attrs.get("complete", 0)))
         n = len(header.names)
-        done = int(fh["done"][()].sum()) if "done" in fh else n
-        dist = fh["class_distribution"][()]
-        counts = fh["class_counts"][()]
+        done = int(read_or_fail(path, "done", lambda: fh["done"][()]).sum()) if "done" in fh else n
+        small = read_small(path, fh)
+        dist, counts = small["class_distribution"], small["class_counts"]
         version = int(fh.attrs["version"])
         written_by = as_str(fh.attrs.get("pixcli_version", "?"))
         datasets = ", ".join(
@@ -180,6 +200,8 @@ def summary(path: Path) -> dict[str, Any]:
         if complete
         else "computed at the end",
         "datasets": datasets,
+        "checksums": "verified: attributes, names and small datasets (per-image chunks: "
+        "Fletcher-32, checked as they are read)",
     }
 
 

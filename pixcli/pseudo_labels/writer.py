@@ -27,6 +27,7 @@ from pixcli.pseudo_labels.fileformat import (
     first_line,
     open_h5,
     read_or_fail,
+    seal_header,
 )
 from pixcli.pseudo_labels.quantize import quantize_probs, quantize_unit
 
@@ -264,6 +265,7 @@ def merge(
                 dst["class_counts"][...] = class_counts.cpu().numpy()
                 dst["class_distribution"][...] = distribution.cpu().double().numpy()
                 dst.attrs["complete"] = 1
+                seal_header(dst)
 
         atomic_write(out, write)
 
