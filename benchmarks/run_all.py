@@ -32,6 +32,7 @@ SCRIPTS = {
     "embed_report": HERE / "embed_report_bench.py",
     "cpsl": HERE / "cpsl_bench.py",
     "methods": HERE / "methods_bench.py",
+    "predict": HERE / "predict_bench.py",
 }
 
 

@@ -9,10 +9,8 @@ from pathlib import Path
 
 from pixcli.artifacts import (
     check_classes,
-    check_finite,
     file_fingerprint,
     finished_manifest,
-    load_checkpoint,
     read_json,
     remove_stale_temporaries,
     write_manifest,
@@ -22,7 +20,8 @@ from pixcli.data.readers import ReaderConfig, SegDataset, open_dataset
 from pixcli.engine.progress import console
 from pixcli.engine.runtime import Runtime, to_device
 from pixcli.errors import UserError
-from pixcli.models import Segmentor, SegmentorConfig, build_segmentor
+from pixcli.models import Segmentor
+from pixcli.models.checkpoint import segmentor_from_checkpoint
 
 
 def prepare_out_dir(
@@ -115,26 +114,9 @@ def open_labelled(
 
 def load_model(path: Path, runtime: Runtime) -> tuple[Segmentor, dict]:
     """The Segmentor stored in a checkpoint, on the runtime's device (channels_last when
-    the runtime says so), in eval mode."""
-    ckpt = load_checkpoint(path)
-    try:
-        cfg = SegmentorConfig.from_dict(ckpt["model_config"])
-    except (TypeError, KeyError) as exc:
-        raise UserError(f"{path}: checkpoint has an unknown model configuration ({exc})") from None
-    if len(ckpt["classes"]) != cfg.num_classes:
-        raise UserError(
-            f"{path}: names {len(ckpt['classes'])} classes but its model predicts "
-            f"{cfg.num_classes}; the checkpoint is inconsistent"
-        )
-    check_finite(path, ckpt["state_dict"])
-    # the config keeps pretrained / weights_file (L_FD's ImageNet copy needs them); the
-    # checkpoint's weights replace the backbone's, so they are not loaded here
-    model = build_segmentor(cfg, load_weights=False)
-    try:
-        model.load_state_dict(ckpt["state_dict"])
-    except RuntimeError as exc:
-        first = str(exc).splitlines()[0]
-        raise UserError(f"{path}: weights do not fit the stored architecture ({first})") from None
+    the runtime says so), in eval mode; the checks of
+    :func:`pixcli.models.checkpoint.segmentor_from_checkpoint` (which ``pixcli.load`` shares)."""
+    model, ckpt = segmentor_from_checkpoint(path)
     return to_device(model, runtime).eval(), ckpt
 
 

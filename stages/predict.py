@@ -207,26 +207,28 @@ def run(cfg: PredictConfig, checkpoint: Path, out: Path) -> dict:
         write_manifest(out, STAGE, config, inputs, {"images": len(images)}, 0.0, complete=False)
         if len(todo) < len(images):
             console.print(f"{out}: {len(images) - len(todo)} images already predicted; skipped")
+    loop = Timer()
     failed = _predict_shard(predictor, todo[runtime.rank :: runtime.world_size], cfg, out, runtime)
     if runtime.distributed:
         gathered: list[list[dict[str, str]]] = [[] for _ in range(runtime.world_size)]
         dist.all_gather_object(gathered, failed)
         failed = [f for part in gathered for f in part]
-    seconds = timer.seconds()
+    predicting = loop.seconds()  # reading, predicting, writing (not loading the model)
     predicted = len(todo) - len(failed)
     results = {
         "images": len(images),
         "predicted": predicted,
         "already_done": len(images) - len(todo),
         "failed": failed,
-        "images_per_s": round(predicted / seconds, 3) if seconds > 0 else None,
+        "predict_seconds": round(predicting, 3),
+        "images_per_s": round(predicted / max(predicting, 1e-9), 3),
         "inference": to_dict(predictor.inference),
     }
     if runtime.is_main:
-        write_manifest(out, STAGE, config, inputs, results, seconds, complete=not failed)
+        write_manifest(out, STAGE, config, inputs, results, timer.seconds(), not failed)
         console.print(
-            f"predicted {predicted} images in {seconds:.1f} s "
-            f"({predicted / max(seconds, 1e-9):.2f} images/s) -> {out}",
+            f"predicted {predicted} images in {predicting:.1f} s "
+            f"({results['images_per_s']:.2f} images/s) -> {out}",
             highlight=False,
         )
     shutdown(runtime)

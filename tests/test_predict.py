@@ -16,7 +16,7 @@ from tiny import random_checkpoint
 from typer.testing import CliRunner
 
 import pixcli
-from pixcli.artifacts import read_json
+from pixcli.artifacts import load_checkpoint, read_json, save_checkpoint
 from pixcli.cli import app
 from pixcli.data.image_files import find_images, read_image, to_rgb
 from pixcli.errors import UserError
@@ -239,3 +239,18 @@ def test_two_processes_predict_the_files_of_one(tiny_bench: Path, warm: Path, tm
     for rel in labels:
         np.testing.assert_array_equal(_ids(tmp_path / "two" / rel), _ids(tmp_path / "one" / rel))
     assert read_json(tmp_path / "two" / "manifest.json")["results"]["predicted"] == 3
+
+
+def test_inference_settings_come_from_the_checkpoint_and_can_be_overridden(tmp_path: Path):
+    ckpt = random_checkpoint(tmp_path / "m.pt", SegmentorConfig(backbone="test_resnet"))
+    data = load_checkpoint(ckpt)
+    data["meta"] = {"config": {"eval": {"scale": 2.0, "multi_resolution": True, "gone": 1}}}
+    save_checkpoint(ckpt, data)
+    model = pixcli.load(ckpt, device="cpu")
+    assert model.inference.scale == 2.0 and model.inference.multi_resolution
+    assert pixcli.load(ckpt, device="cpu", scale=1.0, flip=True).inference.scale == 1.0
+    image = pattern_image(0, (20, 30))
+    plain = pixcli.load(ckpt, device="cpu", scale=1.0)
+    plain.inference.multi_resolution = False
+    assert model.predict(image).shape == (20, 30)
+    assert not np.array_equal(model.predict_proba(image), plain.predict_proba(image))
