@@ -190,7 +190,9 @@ def _coerce(hint: Any, value: Any, name: str) -> Any:
         return value
     if hint is Any:
         return value
-    if hint is float and isinstance(value, int | float) and not isinstance(value, bool):
+    if hint is float:
+        if not isinstance(value, int | float) or isinstance(value, bool):
+            raise UserError(f"setting '{name}' must be a number, got {value!r}")
         return float(value)
     if hint is bool and not isinstance(value, bool):
         raise UserError(f"setting '{name}' must be true or false, got {value!r}")

@@ -239,7 +239,8 @@ CASES: list[tuple[str, Build, str]] = [
     ),
     # settings that were already refused
     ("unknown key", lambda c: warmup_args(c, "--set", "optim.lrr=1"), "unknown setting"),
-    ("ill-typed", lambda c: warmup_args(c, "--set", "batch_size=two"), "must be int"),
+    ("ill-typed", lambda c: warmup_args(c, "--set", "loop.log_every=two"), "must be int"),
+    ("lr text", lambda c: warmup_args(c, "--set", "optim.lr=fast"), "'optim.lr' must be a num"),
     ("config missing", lambda c: warmup_args(c, "--config", "/no/x.toml"), "config file not"),
     ("config bad", lambda c: warmup_args(c, "--config", config_file(c, "[x")), "not valid TOML"),
     # checkpoints (items 4 and 12)
@@ -248,7 +249,7 @@ CASES: list[tuple[str, Build, str]] = [
     ("cut ckpt", lambda c: eval_args(c, checkpoint_variant(c, "truncated")), "not a readable"),
     ("foreign", lambda c: eval_args(c, checkpoint_variant(c, "foreign dict")), "not a pixcli"),
     ("ckpt dir", lambda c: eval_args(c, checkpoint_variant(c, "directory")), "is a directory"),
-    ("ckpt missing", lambda c: eval_args(c, c.tmp / "none.pt"), "checkpoint not found"),
+    ("ckpt missing", lambda c: eval_args(c, c.tmp / "none.pt"), "none.pt: file not found"),
     ("nan weights", lambda c: eval_args(c, checkpoint_variant(c, "nan weights")), "NaN or inf"),
     ("classes", lambda c: eval_args(c, checkpoint_variant(c, "class count")), "inconsistent"),
     # --out (items 7, 8, 9)

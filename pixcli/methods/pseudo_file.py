@@ -41,6 +41,7 @@ class PseudoSoftLabels:
                 f"warning: {setup.pseudo} was made by checkpoint {made_from.checkpoint}, not by "
                 f"--checkpoint ({setup.checkpoint_fingerprint})",
                 highlight=False,
+                soft_wrap=True,
             )
         if list(self.file.classes) != [str(c) for c in setup.unlabelled.taxonomy.classes]:
             raise UserError(f"{setup.pseudo}: made for other classes than the target's")
