@@ -254,3 +254,16 @@ def test_folder_wrong_label_suffix_lists_unpaired_files(tmp_path: Path) -> None:
     assert "7 of 7 images have no label" in msg
     assert "im0.png, im1.png, im2.png, im3.png, im4.png (and 2 more)" in msg
     assert "label files without an image: im0_mask.png, im1_mask.png" in msg
+
+
+def test_stage_reader_section_reaches_the_reader(tmp_path: Path) -> None:
+    from stages.common import open_labelled
+    from stages.eval import EvalConfig
+
+    make_acdc(tmp_path, split="val", conditions=("night",))
+    cfg = load_config(EvalConfig, overrides={"reader.conditions": ["night"]})
+    assert cfg.reader.conditions == ["night"]
+    ds = open_labelled(f"acdc:{tmp_path}", "val", "--data", cfg.reader)
+    assert len(ds) == 2 and ds.has_labels
+    with pytest.raises(UserError, match=r"--data: .*rgb_anon/fog/val: directory not found"):
+        open_labelled(f"acdc:{tmp_path}", "val", "--data", EvalConfig().reader)
