@@ -51,7 +51,7 @@ class ImageNetFeatureDistance:
         self.thing_classes, self.min_ratio = tuple(thing_classes), min_ratio
         backbone = create_backbone(
             cfg.backbone, pretrained=cfg.pretrained, weights_file=cfg.weights_file,
-            output_stride=cfg.output_stride,
+            output_stride=cfg.output_stride, kwargs=cfg.backbone_kwargs,
         )  # fmt: skip
         self.backbone = backbone.to(device).eval().requires_grad_(False)
 
