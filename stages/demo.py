@@ -25,7 +25,7 @@ from pixcli.losses.cpsl import CPSLConfig
 from pixcli.methods import METHODS
 from pixcli.models import SegmentorConfig
 from pixcli.reporting import comparison_table, print_table
-from stages import adapt, distill, make_benchmark, pseudolabel, warmup
+from stages import adapt, distill, make_benchmark, pseudolabel, report, warmup
 from stages import eval as eval_stage
 
 
@@ -156,4 +156,6 @@ def run(cfg: DemoConfig, out: Path) -> dict:
         },
     }
     write_json(out / "summary.json", summary)
+    evals = [out / f"eval-{name}" for name in models]  # report.run prints the page's path
+    report.run(evals, out / "report.html", data=target, device=cfg.device)
     return summary

@@ -32,6 +32,9 @@ def test_tiny_demo_chains_every_stage_and_resumes(tmp_path: Path):
     assert set(summary["mIoU"]) == {"warmup", "oracle", "none", "cpsl", "cpsl+distill"}
     assert (tmp_path / "demo" / "pseudo" / "pseudo.h5").is_file()
     assert read_json(tmp_path / "demo" / "summary.json")["mIoU"] == summary["mIoU"]
+    page = (tmp_path / "demo" / "report.html").read_text()  # the demo ends with its report
+    # curves, then 3 val images x (input, ground truth, 5 models)
+    assert "eval-cpsl+distill" in page and page.count("data:image/png;base64,") == 1 + 3 * 7
     mtime = (tmp_path / "demo" / "adapt-cpsl" / "model.pt").stat().st_mtime_ns
     again = demo.run(cfg, tmp_path / "demo")  # finished stages are skipped
     assert again["mIoU"] == summary["mIoU"]
