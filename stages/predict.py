@@ -19,6 +19,9 @@ predicts every ``world_size``-th unfinished image; rank 0 writes ``manifest.json
 
 from __future__ import annotations
 
+from collections import deque
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -43,6 +46,7 @@ from pixcli.predictor import Predictor
 from stages.common import Timer
 
 STAGE = "predict"
+IO_AHEAD = 4  # images read ahead, and finished images waiting to be written
 
 
 @dataclass
@@ -144,6 +148,25 @@ def _check_out_dir(out: Path, inputs: dict[str, str], settings: dict) -> None:
     )
 
 
+def _read_ahead(
+    pool: ThreadPoolExecutor, todo: list[ImageFile], depth: int
+) -> Iterator[tuple[ImageFile, np.ndarray | UserError]]:
+    """``(image, its pixels or the UserError reading it)`` in order, reading up to
+    ``depth`` images ahead in ``pool``'s threads (while the model runs)."""
+    queue: deque[tuple[ImageFile, Future[np.ndarray]]] = deque()
+    upcoming = iter(todo)
+    while True:
+        while len(queue) < depth and (item := next(upcoming, None)) is not None:
+            queue.append((item, pool.submit(read_image, item.path)))
+        if not queue:
+            return
+        item, future = queue.popleft()
+        try:
+            yield item, future.result()
+        except UserError as exc:
+            yield item, exc
+
+
 def _predict_shard(
     predictor: Predictor,
     todo: list[ImageFile],
@@ -152,25 +175,34 @@ def _predict_shard(
     runtime: Runtime,
 ) -> list[dict[str, str]]:
     """Predict and write ``todo`` (this rank's share) in batches of equal-sized consecutive
-    images; return the unreadable ones as ``{"image", "reason"}``."""
+    images; return the unreadable ones as ``{"image", "reason"}``.
+
+    Two threads read the next images and write the finished ones while the model runs
+    (PNG/JPEG coding releases the GIL); at most ``IO_AHEAD`` writes wait at any time, and
+    an error while writing (a full disk) ends the run.
+    """
     failed: list[dict[str, str]] = []
     pending: list[tuple[ImageFile, np.ndarray]] = []
+    writes: deque[Future[None]] = deque()
 
     def flush() -> None:
         logits = predictor.logits([array for _, array in pending])
         for (item, array), item_logits in zip(pending, logits, strict=True):
-            write_outputs(predictor, array, item_logits, output_paths(out, item, cfg), cfg.alpha)
+            paths = output_paths(out, item, cfg)
+            writes.append(
+                pool.submit(write_outputs, predictor, array, item_logits, paths, cfg.alpha)
+            )
+            while len(writes) > IO_AHEAD:
+                writes.popleft().result()
         progress.advance(task, len(pending))
         pending.clear()
 
-    with make_progress(runtime.is_main) as progress:
+    with make_progress(runtime.is_main) as progress, ThreadPoolExecutor(2) as pool:
         task = progress.add_task(STAGE, total=len(todo), rate="", info="")
-        for item in todo:
-            try:
-                array = read_image(item.path)
-            except UserError as exc:
-                failed.append({"image": str(item.path), "reason": str(exc)})
-                console.print(f"[yellow]skipped[/] {exc}", highlight=False, soft_wrap=True)
+        for item, array in _read_ahead(pool, todo, IO_AHEAD):
+            if isinstance(array, UserError):
+                failed.append({"image": str(item.path), "reason": str(array)})
+                console.print(f"[yellow]skipped[/] {array}", highlight=False, soft_wrap=True)
                 progress.advance(task)
                 continue
             if pending and (len(pending) >= cfg.batch_size or pending[0][1].shape != array.shape):
@@ -178,6 +210,8 @@ def _predict_shard(
             pending.append((item, array))
         if pending:
             flush()
+        for write in writes:
+            write.result()
     return failed
 
 
