@@ -131,8 +131,9 @@ def miou(net, x, y, classes=19):
 def main() -> None:
     p = argparse.ArgumentParser()
     for k, v in (("--source", ""), ("--target", ""), ("--out", ""), ("--iterations", 800),
-                 ("--adapt-iterations", 800), ("--batch", 8), ("--crop", 128), ("--lr", 1e-3),
-                 ("--ema", 0.99), ("--seed", 0), ("--threads", 0)):  # fmt: skip
+                 ("--adapt-iterations", 800), ("--batch", 8), ("--adapt-batch", 4),
+                 ("--crop", 128), ("--lr", 1e-3), ("--ema", 0.99), ("--seed", 0),
+                 ("--threads", 0)):  # fmt: skip
         p.add_argument(k, type=type(v), default=v)
     a = p.parse_args()
     if a.threads:
@@ -145,7 +146,7 @@ def main() -> None:
     oracle = train(Net(19), xt, yt, a)
     teacher = Net(19).requires_grad_(False).eval()
     teacher.load_state_dict(source.state_dict())
-    a.iterations = a.adapt_iterations
+    a.iterations, a.batch = a.adapt_iterations, a.adapt_batch
     student = Net(19)
     student.load_state_dict(source.state_dict())
     res = {"source_only": miou(source, xv, yv), "oracle": miou(oracle, xv, yv)}

@@ -19,6 +19,7 @@ from pixcli.data.benchmark import BenchmarkConfig
 from pixcli.data.transforms import AugmentConfig
 from pixcli.engine.optim import OptimConfig
 from pixcli.engine.progress import console
+from pixcli.engine.self_training import SelfTrainingConfig
 from pixcli.engine.trainer import LoopConfig
 from pixcli.errors import UserError
 from pixcli.losses.cpsl import CPSLConfig
@@ -37,19 +38,29 @@ def demo_warmup() -> warmup.WarmupConfig:
         model=SegmentorConfig(backbone="resnet18", head="deeplabv3plus", output_stride=16),
         optim=OptimConfig(name="adamw", lr=1e-3, head_lr_mult=1.0, weight_decay=0.01),
         loop=LoopConfig(iterations=250, log_every=20, eval_every=0, checkpoint_every=100),
-        augment=AugmentConfig(crop_size=(128, 128), scale_range=(0.75, 1.5), flip=True),
+        augment=AugmentConfig(
+            crop_size=(128, 128), scale_range=(0.75, 1.5), flip=True, color_jitter=0.4
+        ),
     )
 
 
+# The crops of the adaptation streams: the warm-up's, without its colour jitter (the teacher's
+# weak view stays clean; the student's strong view has the loop's own jitter and blur).
+DEMO_ADAPT_AUGMENT = AugmentConfig(crop_size=(128, 128), scale_range=(0.75, 1.5), flip=True)
+
+
 def demo_adapt() -> adapt.AdaptConfig:
-    """The CPU demo's adaptation recipe, shared by every method."""
-    base = demo_warmup()
+    """The CPU demo's adaptation recipe, shared by every method (examples/demo_adapt.toml
+    says why each value; the measurements are in the README)."""
     return adapt.AdaptConfig(
         batch_size=4,
         num_workers=1,
-        optim=OptimConfig(name="sgd", lr=0.005, head_lr_mult=1.0, weight_decay=1e-4),
+        optim=OptimConfig(name="adamw", lr=1e-3, head_lr_mult=1.0, weight_decay=0.01),
         loop=LoopConfig(iterations=120, log_every=20, eval_every=0, checkpoint_every=100),
-        augment=base.augment,
+        augment=DEMO_ADAPT_AUGMENT,
+        self_training=SelfTrainingConfig(
+            ema_momentum=0.99, ema_ramp=False, confidence_threshold=0.8, rare_class_sampling=True
+        ),
         # CPSL at the demo's lr (50x the paper's): lambda_2 = 0.1 keeps lr * lambda_2 at the
         # paper's 5e-4 (see CPSLConfig.lambda_reg); a 16,384-row bank (the last 8 steps' samples,
         # the paper's 65,536 is 128 images) keeps Sinkhorn cheap on the CPU.

@@ -4,6 +4,7 @@ from pathlib import Path
 import pytest
 
 from pixcli.config import load_config, parse_set_options, to_dict
+from pixcli.engine.optim import OptimConfig
 from pixcli.errors import UserError
 
 
@@ -136,6 +137,11 @@ def test_every_example_file_is_covered_by_a_test():
     assert {p.name for p in examples.glob("*.toml")} <= covered
 
 
+# The previous demo adaptation optimiser, which the semi and PiXL benchmark tables were measured
+# with (SGD 5e-3); the demo's own moved to AdamW 1e-3 (examples/demo_adapt.toml).
+MEASURED_WITH = OptimConfig(name="sgd", lr=0.005, head_lr_mult=1.0, weight_decay=1e-4)
+
+
 def test_semi_benchmark_example_is_the_demo_adaptation_recipe_in_the_semi_setting():
     from pixcli.engine.semi_step import UniMatchConfig
     from stages.adapt import AdaptConfig
@@ -144,7 +150,8 @@ def test_semi_benchmark_example_is_the_demo_adaptation_recipe_in_the_semi_settin
     example = Path(__file__).parent.parent / "examples" / "semi_benchmark.toml"
     cfg = load_config(AdaptConfig, example)
     demo = demo_adapt()
-    assert (cfg.optim, cfg.batch_size, cfg.augment) == (demo.optim, demo.batch_size, demo.augment)
+    assert (cfg.batch_size, cfg.augment) == (demo.batch_size, demo.augment)
+    assert cfg.optim == MEASURED_WITH  # the semi tables were measured with it
     assert cfg.setting == "semi" and cfg.labeled_fraction == 0.125
     assert cfg.self_training.labelled_loss == "ohem"
     unimatch = (cfg.unimatch.labelled_weight, cfg.unimatch.strong_weight, cfg.unimatch.fp_weight)
@@ -162,12 +169,11 @@ def test_pixl_benchmark_example_is_the_demo_adaptation_recipe_with_larger_crops(
         AdaptConfig, Path(__file__).parent.parent / "examples" / "pixl_benchmark.toml"
     )
     demo = demo_adapt()
-    assert (cfg.optim, cfg.batch_size, cfg.augment.flip) == (demo.optim, demo.batch_size, True)
+    assert (cfg.optim, cfg.batch_size, cfg.augment.flip) == (MEASURED_WITH, demo.batch_size, True)
     assert cfg.augment.crop_size == (256, 256) and cfg.method == "pixl"
 
 
 def test_adapt_bare_defaults_are_each_methods_paper_recipe(tmp_path: Path):
-    from pixcli.engine.optim import OptimConfig
     from stages.adapt import load_adapt_config
 
     cpsl = load_adapt_config(None, {"method": "cpsl"})
