@@ -221,6 +221,8 @@ def run(cfg: PredictConfig, checkpoint: Path, out: Path) -> dict:
     Raises a UserError after writing everything else when some images could not be read.
     """
     timer = Timer()
+    if not 0.0 <= cfg.alpha <= 1.0:
+        raise UserError(f"--alpha must be between 0 and 1, got {cfg.alpha}")
     images = find_images(cfg.images, exclude=out)
     runtime = setup_runtime(cfg.device, cfg.amp, cfg.seed)
     predictor, _ = Predictor.from_checkpoint(

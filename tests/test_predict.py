@@ -203,6 +203,13 @@ def test_bad_inputs_are_one_line_errors(
     assert len(result.output.strip().splitlines()) == 1
 
 
+def test_alpha_outside_0_1_is_refused(warm: Path, tmp_path: Path):
+    write_png(tmp_path / "x.png", pattern_image(0, (8, 8)))
+    result = _predict(warm, tmp_path / "pred", tmp_path / "x.png", extra=("--alpha", "1.5"))
+    assert result.exit_code == 2
+    assert "--alpha must be between 0 and 1, got 1.5" in _text(result.output)
+
+
 def test_a_checkpoint_that_is_not_one_is_a_user_error(tmp_path: Path):
     (tmp_path / "junk.pt").write_text("junk")
     with pytest.raises(UserError, match="junk.pt: not a readable checkpoint"):
