@@ -111,6 +111,8 @@ def test_examples_demo_distill_toml_matches_the_demo_distillation_recipe():
         ("pixl_cityscapes_supervised.toml", "adapt.AdaptConfig"),
         ("pixl_benchmark.toml", "adapt.AdaptConfig"),
         ("semi_benchmark.toml", "adapt.AdaptConfig"),
+        ("dinov2_uda_gta5_to_cityscapes.toml", "adapt.AdaptConfig"),
+        ("dinov2_semi_cityscapes.toml", "adapt.AdaptConfig"),
     ],
 )
 def test_every_example_loads_into_its_stage_config(name: str, stage: str):
@@ -133,6 +135,7 @@ def test_every_example_file_is_covered_by_a_test():
         "pgpc_gta5_to_cityscapes.toml",
         "pixl_gta5_to_cityscapes.toml", "pixl_cityscapes_semi.toml",
         "pixl_cityscapes_supervised.toml", "pixl_benchmark.toml", "semi_benchmark.toml",
+        "dinov2_uda_gta5_to_cityscapes.toml", "dinov2_semi_cityscapes.toml",
     }  # fmt: skip
     assert {p.name for p in examples.glob("*.toml")} <= covered
 
