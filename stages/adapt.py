@@ -210,7 +210,9 @@ def run(cfg: AdaptConfig, checkpoint: Path, out: Path) -> dict:
         pseudo=Path(cfg.pseudo) if cfg.pseudo else None,
         total_steps=cfg.loop.iterations,
         checkpoint_fingerprint=inputs["checkpoint"],
-        target_fingerprint=open_dataset(cfg.target, cfg.target_split).fingerprint()
+        target_fingerprint=open_dataset(
+            cfg.target, cfg.target_split, options=cfg.reader
+        ).fingerprint()
         if cfg.pseudo and cfg.target
         else None,
     )
