@@ -43,6 +43,7 @@ def arguments() -> argparse.Namespace:
     p.add_argument("--bench-seed", type=int, default=0, help="make-benchmark --seed")
     p.add_argument("--methods", default="none,cpsl,pgpc,pixl")
     p.add_argument("--no-distill", action="store_true", help="skip the distillation round")
+    p.add_argument("--no-plain", action="store_true", help="skip the plain reference runs")
     p.add_argument("--warmup-iterations", type=int, default=None, help="default: the recipe's")
     p.add_argument("--adapt-iterations", type=int, default=None, help="default: the recipe's")
     p.add_argument("--jobs", type=int, default=2, help="chains run at once")
@@ -154,7 +155,8 @@ class Study:
         with ThreadPoolExecutor(self.a.jobs) as pool:
             warm_job = pool.submit(self.warmup, 0, "warmup", self.source)
             oracle_job = pool.submit(self.warmup, 0, "oracle", self.target)
-            plain_jobs = [pool.submit(self.plain, seed) for seed in range(self.a.seeds)]
+            seeds = [] if self.a.no_plain else range(self.a.seeds)
+            plain_jobs = [pool.submit(self.plain, seed) for seed in seeds]
             warm = warm_job.result()
             pseudo = self.pseudolabel(warm) if "cpsl" in self.methods else None
             jobs = [
@@ -174,7 +176,7 @@ def mean_std(values: list[float]) -> str:
 
 
 def collect(study: Study) -> tuple[list[str], list[list[str]], dict]:
-    """The table: model, mIoU mean +- std, gap share, per-class mean IoU."""
+    """The table: model, seeds run, mIoU mean +- std, gap share, per-class mean IoU."""
     names = ["warmup", *study.methods]
     if "cpsl" in study.methods and not study.a.no_distill:
         names.append("cpsl+distill")
@@ -185,34 +187,47 @@ def collect(study: Study) -> tuple[list[str], list[list[str]], dict]:
     for seed in range(study.a.seeds):
         d = study.seed_dir(seed)
         for n in names:
-            shared = study.seed_dir(0) if n in ("warmup", "oracle") else d
-            m = json.loads((shared / f"eval-{n}" / "metrics.json").read_text())
+            if n in ("warmup", "oracle") and seed > 0:  # made once, seed 0
+                continue
+            path = d / f"eval-{n}" / "metrics.json"
+            if not path.is_file():  # not run (yet): the row shows the seeds that were
+                continue
+            m = json.loads(path.read_text())
             classes = list(m["per_class"])
-            per[n].append({"mIoU": m["mIoU"], "iou": [m["per_class"][c]["IoU"] for c in classes]})
+            per[n].append({"mIoU": m["mIoU"], "iou": [m["per_class"][c]["IoU"] for c in classes],
+                           "seed": seed})  # fmt: skip
+        if not (d / "plain.json").is_file():
+            continue
         plain = json.loads((d / "plain.json").read_text())
         for key, n in (("source_only", "plain source-only"), ("oracle", "plain oracle"),
                        ("self_training", "plain self-training")):  # fmt: skip
-            per[n].append({"mIoU": plain[key][0], "iou": plain[key][1]})
+            per[n].append({"mIoU": plain[key][0], "iou": plain[key][1], "seed": seed})
     ids = _class_ids(classes)
     rows, raw = [], {}
     for n, runs in per.items():
+        if not runs:
+            continue
         low, high = ("plain source-only", "plain oracle") if n.startswith("plain") else (
             "warmup", "oracle")  # fmt: skip
-        shares = [
-            100 * (r["mIoU"] - per[low][k]["mIoU"]) / (per[high][k]["mIoU"] - per[low][k]["mIoU"])
-            for k, r in enumerate(runs)
-        ]
+        shares = [100 * (r["mIoU"] - lo) / (hi - lo) for r in runs
+                  if (lo := _of(per[low], r["seed"])) is not None
+                  and (hi := _of(per[high], r["seed"])) is not None]  # fmt: skip
         miou = [r["mIoU"] for r in runs]
         iou = [[_value(r["iou"], n, i, ids) for r in runs] for i in range(len(classes))]
         cls = [f"{statistics.fmean(v):.1f}" if v and not any(map(math.isnan, v)) else "-"
                for v in iou]  # fmt: skip
-        rows.append([n, mean_std(miou), mean_std(shares), *cls])
-        raw[n] = {
-            "mIoU": miou,
-            "gap_share": shares,
-            "per_class": dict(zip(classes, iou, strict=True)),
-        }
-    return ["model", "mIoU", "gap %", *classes], rows, raw
+        rows.append([n, str(len(runs)), mean_std(miou), mean_std(shares), *cls])
+        per_class = dict(zip(classes, iou, strict=True))
+        raw[n] = {"mIoU": miou, "gap_share": shares, "per_class": per_class}
+    return ["model", "seeds", "mIoU", "gap %", *classes], rows, raw
+
+
+def _of(runs: list[dict], seed: int) -> float | None:
+    """The mIoU of ``seed``'s run in ``runs`` (the warm-up and oracle: their one run)."""
+    for r in runs:
+        if r["seed"] == seed or len(runs) == 1:
+            return r["mIoU"]
+    return None
 
 
 def _class_ids(classes: list[str]) -> list[int]:
