@@ -90,11 +90,11 @@ class Study:
             cmd = [*PIXCLI, "eval", "--checkpoint", str(model), "--data", self.target]
             self.run([*cmd, "--out", str(out)], out.with_suffix(".log"))
 
-    def warmup(self, seed: int, name: str, data: str) -> Path:
+    def warmup(self, seed: int, name: str, data: str, extra: tuple[str, ...] = ()) -> Path:
         out = self.seed_dir(seed) / name
         cmd = [*PIXCLI, "warmup", "--config", str(EXAMPLES / "demo.toml"), "--source", data,
                "--out", str(out), "--seed", str(seed)]  # fmt: skip
-        cmd += ["--iterations", str(self.warm_it)]
+        cmd += ["--iterations", str(self.warm_it), *extra]
         self.run([*cmd, *self.common], out.with_suffix(".log"))
         self.evaluate(out / "model.pt", self.seed_dir(seed) / f"eval-{name}")
         return out / "model.pt"
@@ -154,7 +154,10 @@ class Study:
         pseudo labels; phase 2: every (seed, method) and the plain reference per seed."""
         with ThreadPoolExecutor(self.a.jobs) as pool:
             warm_job = pool.submit(self.warmup, 0, "warmup", self.source)
-            oracle_job = pool.submit(self.warmup, 0, "oracle", self.target)
+            # the oracle, an upper bound, without the warm-up's colour jitter (a domain-gap
+            # augmentation: 250 iterations with it gave 51.2 against 62.4 without)
+            no_jitter = ("--set", "augment.color_jitter=0")
+            oracle_job = pool.submit(self.warmup, 0, "oracle", self.target, no_jitter)
             seeds = [] if self.a.no_plain else range(self.a.seeds)
             plain_jobs = [pool.submit(self.plain, seed) for seed in seeds]
             warm = warm_job.result()
