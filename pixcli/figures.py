@@ -48,11 +48,29 @@ def _series(log: Sequence[dict], key: str) -> tuple[list[int], list[float]]:
     return [s for s, _ in points], [float(v) for _, v in points]
 
 
+# Numbers a step logs that are not losses: the loop's own, and the methods' diagnostics
+# (``ctx.extras`` in pixcli.methods: counts, fractions, schedules).
+NOT_LOSSES = frozenset(
+    {"step", "lr_factor", "it_s"}
+    | {"rectified_changed", "sinkhorn_iters", "anchors", "confident", "entropy_crop"}
+    | {"eta", "drift_fraction", "prototypes", "ipix_omega"}
+)
+NOT_LOSS_PREFIXES = ("val_", "pl_")  # validation, the pseudo labels' quality
+
+
 def loss_keys(log: Sequence[dict]) -> list[str]:
-    """The ``loss*`` keys of a training log, in the order they first appear."""
+    """The loss keys of a training log (every number a step logs but those of
+    :data:`NOT_LOSSES` and the ``val_`` / ``pl_`` figures), in the order they first appear."""
     keys: dict[str, None] = {}
     for entry in log:
-        keys.update((k, None) for k in entry if k.startswith("loss"))
+        keys.update(
+            (k, None)
+            for k, v in entry.items()
+            if isinstance(v, int | float)
+            and not isinstance(v, bool)
+            and k not in NOT_LOSSES
+            and not k.startswith(NOT_LOSS_PREFIXES)
+        )
     return list(keys)
 
 
@@ -60,8 +78,9 @@ def curves_png(
     runs: Sequence[tuple[str, Sequence[dict]]], size: tuple[int, int] = CURVE_SIZE
 ) -> bytes:
     """Training curves of ``(name, train_log entries)`` runs as a PNG of ``size`` pixels:
-    losses (one line style per loss, one colour per run), the learning-rate factor, and the
-    validation mIoU with, when logged, the pseudo labels' mIoU (``pl_mIoU``, dashed)."""
+    losses (:func:`loss_keys`; one line style per loss, one colour per run), the learning-rate
+    factor, and the validation mIoU with, when logged, the pseudo labels' mIoU (``pl_mIoU``,
+    dashed)."""
     plt = _pyplot()
     fig, (ax_loss, ax_lr, ax_miou) = plt.subplots(
         1, 3, figsize=(size[0] / DPI, size[1] / DPI), dpi=DPI, sharex=True
@@ -87,14 +106,14 @@ def curves_png(
         ax.grid(alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=7)
-    ax_loss.set_yscale("log" if _all_positive(ax_loss) else "linear")
+    if _any_positive(ax_loss):
+        ax_loss.set_yscale("log", nonpositive="mask")  # losses of different sizes; 0 not drawn
     fig.tight_layout()
     return _png(fig)
 
 
-def _all_positive(ax: Any) -> bool:
-    ys = [np.asarray(line.get_ydata(), dtype=float) for line in ax.get_lines()]
-    return bool(ys) and all(y.size and (y > 0).all() for y in ys)
+def _any_positive(ax: Any) -> bool:
+    return any((np.asarray(line.get_ydata(), dtype=float) > 0).any() for line in ax.get_lines())
 
 
 def confusion_size(num_classes: int) -> tuple[int, int]:
