@@ -89,7 +89,8 @@ def _onnx(wrapper: LogitsModel, example: Tensor, out: Path, dynamic: bool) -> No
             dynamic_shapes=shapes, dynamo=True, verbose=False,
         )  # fmt: skip
     assert program is not None
-    atomic_write(out, lambda tmp: program.save(str(tmp)))
+    # one self-contained file: external weights would be named after the temporary file
+    atomic_write(out, lambda tmp: program.save(str(tmp), external_data=False))
 
 
 def _torchscript(wrapper: LogitsModel, example: Tensor, out: Path) -> None:
