@@ -44,6 +44,7 @@ def arguments() -> argparse.Namespace:
     p.add_argument("--methods", default="none,cpsl,pgpc,pixl")
     p.add_argument("--no-distill", action="store_true", help="skip the distillation round")
     p.add_argument("--no-plain", action="store_true", help="skip the plain reference runs")
+    p.add_argument("--table-only", action="store_true", help="print what --work holds; run nothing")
     p.add_argument("--warmup-iterations", type=int, default=None, help="default: the recipe's")
     p.add_argument("--adapt-iterations", type=int, default=None, help="default: the recipe's")
     p.add_argument("--jobs", type=int, default=2, help="chains run at once")
@@ -205,6 +206,12 @@ def collect(study: Study) -> tuple[list[str], list[list[str]], dict]:
         for key, n in (("source_only", "plain source-only"), ("oracle", "plain oracle"),
                        ("self_training", "plain self-training")):  # fmt: skip
             per[n].append({"mIoU": plain[key][0], "iou": plain[key][1], "seed": seed})
+    present = [i for i, c in enumerate(classes)
+               if any(per[n] and per[n][0]["iou"][i] is not None for n in names)]  # fmt: skip
+    for runs in (per[n] for n in names):
+        for r in runs:
+            r["iou"] = [r["iou"][i] for i in present]
+    classes = [classes[i] for i in present]
     ids = _class_ids(classes)
     rows, raw = [], {}
     for n, runs in per.items():
@@ -253,18 +260,18 @@ def main() -> None:
         a.warmup_iterations = a.warmup_iterations or 2
         a.adapt_iterations = a.adapt_iterations or 2
     study = Study(a)
-    study.prepare()
-    study.all_runs()
+    if not a.table_only:
+        study.prepare()
+        study.all_runs()
     columns, rows, raw = collect(study)
-    sys.path.insert(0, str(ROOT))
-    from benchmarks.common import print_rows
-
     title = (f"methods on the {a.style} benchmark (seed {a.bench_seed}), {a.seeds} seeds, "
              f"warm-up {study.warm_it} / adaptation {study.adapt_it} iterations")  # fmt: skip
-    print_rows(title, columns, rows)
+    # a Markdown table (too wide for a terminal table; the README takes it as it is)
     md = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     md += ["| " + " | ".join(r) + " |" for r in rows]
-    (study.work / "quality.md").write_text(title + "\n\n" + "\n".join(md) + "\n")
+    text = title + "\n\n" + "\n".join(md) + "\n"
+    print(text)
+    (study.work / "quality.md").write_text(text)
     (study.work / "quality.json").write_text(json.dumps(raw, indent=1))
     if a.json:
         print(json.dumps({"title": title, "columns": columns, "rows": rows}))
