@@ -59,7 +59,7 @@ def demo_adapt() -> adapt.AdaptConfig:
         loop=LoopConfig(iterations=120, log_every=20, eval_every=0, checkpoint_every=100),
         augment=DEMO_ADAPT_AUGMENT,
         self_training=SelfTrainingConfig(
-            ema_momentum=0.99, ema_ramp=False, confidence_threshold=0.8, rare_class_sampling=True
+            ema_momentum=0.99, ema_ramp=False, rare_class_sampling=True
         ),
         # CPSL at the demo's lr (50x the paper's): lambda_2 = 0.1 keeps lr * lambda_2 at the
         # paper's 5e-4 (see CPSLConfig.lambda_reg); a 16,384-row bank (the last 8 steps' samples,
