@@ -204,6 +204,7 @@ def test_other_ranks_leave_at_once_and_write_nothing(
     """Rank 1 of 2 neither embeds nor writes: the main rank computes the report alone."""
     rank1 = Runtime(device=torch.device("cpu"), rank=1, world_size=2)
     monkeypatch.setattr(embed_report, "setup_runtime", lambda *args: rank1)
+    monkeypatch.setenv("RANK", "1")  # as torchrun sets it: shared files are rank 0's to write
 
     def no_embedding(*args: object) -> None:
         raise AssertionError("rank 1 computed an embedding")

@@ -213,7 +213,8 @@ def test_failed_pretrained_download_is_user_error(monkeypatch: pytest.MonkeyPatc
 
     monkeypatch.setattr(timm, "create_model", offline)
     with pytest.raises(
-        UserError, match="pretrained weights for backbone 'test_resnet'.*weights_file"
+        UserError,
+        match="backbone 'test_resnet'.*weights_file",  # offline: names the fix
     ):
         build_segmentor(tiny_config(pretrained=True))
 
