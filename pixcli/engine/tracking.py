@@ -77,8 +77,7 @@ class RunLog:
     def __init__(self, out_dir: Path, start: int = 0, tensorboard: bool = True) -> None:
         self.jsonl = out_dir / LOG_NAME
         self.csv = out_dir / CSV_NAME
-        if start > 0:
-            self._truncate(start)
+        self._truncate(start)  # also at 0: a run killed before its first last.pt starts over
         self.writer = (
             _summary_writer(out_dir / TENSORBOARD_DIR, start if start > 0 else None)
             if tensorboard
