@@ -28,6 +28,7 @@ from pixcli.engine.runtime import (
     unwrap,
     wrap_ddp,
 )
+from pixcli.engine.tracking import VAL_PREVIEWS
 from pixcli.engine.trainer import LoopConfig, TrainLoop
 from pixcli.errors import UserError
 from pixcli.losses.adversarial import (
@@ -136,7 +137,9 @@ def run(cfg: WarmupConfig, out: Path) -> dict:
 
     def evaluate() -> dict:
         assert val is not None
-        return evaluate_dataset(unwrap(ddp_model), val, cfg.eval, runtime, show_progress=False)
+        return evaluate_dataset(
+            unwrap(ddp_model), val, cfg.eval, runtime, show_progress=False, previews=VAL_PREVIEWS
+        )
 
     loop = TrainLoop(
         out, runtime, cfg.loop, cfg.optim, modules, optimizers, meta,

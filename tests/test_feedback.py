@@ -15,6 +15,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from rich.console import Console
@@ -105,6 +106,42 @@ def test_tensorboard_events_are_readable_by_tensorboard(logged_run):
     log = [json.loads(x) for x in (out / "train_log.jsonl").read_text().splitlines()]
     losses = [e["loss_ce"] for e in log if "loss_ce" in e]
     assert [e.value for e in events.Scalars("loss_ce")] == pytest.approx(losses)
+
+
+def test_tensorboard_shows_val_predictions_as_images(tiny_bench: Path, tmp_path: Path):
+    pytest.importorskip("tensorboard")
+    from PIL import Image
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from pixcli.data.readers import open_dataset
+    from pixcli.engine.tracking import PREVIEW_TAG, VAL_PREVIEWS
+
+    out = tmp_path / "w"
+    _run_quiet_warmup(tiny_bench, out, iterations=4, log_every=2, eval_every=2)
+    events = EventAccumulator(str(out / "tensorboard"), size_guidance={"images": 0})
+    events.Reload()
+    val = open_dataset(f"cityscapes:{tiny_bench / 'target'}", "val")
+    shown = min(VAL_PREVIEWS, len(val))
+    assert sorted(events.Tags()["images"]) == [f"{PREVIEW_TAG}/{k}" for k in range(shown)]
+    for k in range(shown):
+        image, label, _ = val[k]
+        height, width = label.shape
+        records = events.Images(f"{PREVIEW_TAG}/{k}")
+        assert [r.step for r in records] == [2, 4]  # every validation
+        for record in records:
+            strip = np.asarray(Image.open(io.BytesIO(record.encoded_image_string)))
+            assert (record.height, record.width) == (height, 3 * width)
+            assert strip.shape == (height, 3 * width, 3)
+            np.testing.assert_array_equal(strip[:, :width], image)  # the input, unchanged
+            palette = np.array(val.taxonomy.palette_array())
+            known = label != 255
+            np.testing.assert_array_equal(  # the ground truth in the classes' colours
+                strip[:, width : 2 * width][known], palette[label[known]]
+            )
+            prediction = strip[:, 2 * width :].reshape(-1, 3)
+            assert all(
+                tuple(c) in {tuple(p) for p in palette} for c in np.unique(prediction, axis=0)
+            )
 
 
 def test_manifest_records_provenance(logged_run):

@@ -34,15 +34,22 @@ def evaluate_dataset(
     runtime: Runtime,
     on_prediction: PredictionHook | None = None,
     show_progress: bool = True,
+    previews: int = 0,
 ) -> dict:
     """Metrics of ``model`` on ``dataset`` (which must have labels); see ``engine.metrics``.
 
     ``on_prediction(name, pred)`` is called with each predicted train-id map (uint8).
+    ``previews > 0`` adds ``"previews"``: a list of ``(image, label, pred)`` uint8 arrays of
+    the first ``previews`` images (rank 0's share), for a training run's TensorBoard
+    (:meth:`pixcli.engine.tracking.RunLog.write_previews`); not JSON, so not for
+    ``metrics.json``.
     """
     was_training = model.training
     model.eval()
     evaluator = SegEvaluator(dataset.taxonomy.classes, dataset.taxonomy.subsets())
     indices = range(runtime.rank, len(dataset), runtime.world_size)
+    kept: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+    keep = previews if runtime.is_main else 0
     with make_progress(show_progress and runtime.is_main) as progress:
         task = progress.add_task("eval", total=len(indices), rate="", info="")
         for i in indices:
@@ -54,13 +61,18 @@ def evaluate_dataset(
                 evaluator.process(pred, torch.from_numpy(label))
             if on_prediction is not None:
                 on_prediction(name, pred.numpy().astype(np.uint8))
+            if len(kept) < keep and label is not None:
+                kept.append((image, label, pred.numpy().astype(np.uint8)))
             progress.advance(task)
     if runtime.distributed:
         conf = evaluator.conf.to(runtime.device)
         dist.all_reduce(conf)
         evaluator.conf = conf.cpu()
     model.train(was_training)
-    return evaluator.evaluate()
+    metrics = evaluator.evaluate()
+    if previews > 0:
+        metrics["previews"] = kept
+    return metrics
 
 
 def evaluate_pseudo_labels(

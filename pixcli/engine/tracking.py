@@ -8,7 +8,9 @@
   and ``pandas.read_csv(...).pivot(index="step", columns="name", values="value")`` gives a
   table;
 - ``tensorboard/``: event files with the same scalars (``tensorboard --logdir runs``), when
-  the optional ``tensorboard`` package is installed (``pip install 'pixcli[tensorboard]'``).
+  the optional ``tensorboard`` package is installed (``pip install 'pixcli[tensorboard]'``),
+  and at each validation the first :data:`VAL_PREVIEWS` val images as pictures
+  (``val_preview/K``: input | ground truth | prediction in the classes' colours).
 
 A resumed run first drops what the files hold past the step it resumes from, so that no step
 appears twice.
@@ -23,10 +25,25 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 LOG_NAME = "train_log.jsonl"
 CSV_NAME = "metrics.csv"
 TENSORBOARD_DIR = "tensorboard"
 CSV_HEADER = ("step", "name", "value")
+VAL_PREVIEWS = 3  # val images shown in TensorBoard at each validation
+PREVIEW_TAG = "val_preview"
+
+Preview = tuple[np.ndarray, np.ndarray, np.ndarray]  # image HxWx3, label HxW, prediction HxW
+
+
+def preview_strip(preview: Preview, palette: np.ndarray) -> np.ndarray:
+    """``(H, 3W, 3) uint8``: the image, its label and the prediction side by side, the
+    labels in ``palette``'s ``(C, 3)`` colours (ids without a colour, e.g. 255, black)."""
+    image, label, pred = preview
+    table = np.zeros((256, 3), dtype=np.uint8)
+    table[: len(palette)] = np.asarray(palette, dtype=np.uint8).reshape(-1, 3)[:256]
+    return np.concatenate([image, table[label], table[pred]], axis=1)
 
 
 def flatten(entry: dict[str, Any], prefix: str = "") -> Iterator[tuple[str, float]]:
@@ -112,6 +129,16 @@ class RunLog:
             for name, value in values:
                 self.writer.add_scalar(name, value, step)
             self.writer.flush()
+
+    def write_previews(self, step: int, previews: list[Preview], palette: np.ndarray) -> None:
+        """Show validation predictions in TensorBoard (``val_preview/K``, one
+        :func:`preview_strip` per image); nothing without tensorboard."""
+        if self.writer is None:
+            return
+        for k, preview in enumerate(previews):
+            strip = preview_strip(preview, palette)
+            self.writer.add_image(f"{PREVIEW_TAG}/{k}", strip, step, dataformats="HWC")
+        self.writer.flush()
 
     def close(self) -> None:
         """Close the TensorBoard writer."""

@@ -8,7 +8,9 @@ batches, computes its losses and steps its optimisers. The loop owns everything 
 - progress (a bar that moves every step, or plain lines every ``log_every`` steps when
   stderr is not a terminal) and the run's logs (``engine.tracking.RunLog``:
   ``train_log.jsonl``, ``metrics.csv``, TensorBoard events when tensorboard is installed);
-- validation every ``eval_every`` steps and at the end, keeping ``best.pt`` beside the last;
+- validation every ``eval_every`` steps and at the end, keeping ``best.pt`` beside the last
+  (an ``evaluate`` returning ``"previews"``, see ``engine.evaluation.evaluate_dataset``,
+  also shows those val predictions in TensorBoard);
 - ``last.pt`` every ``checkpoint_every`` steps and on Ctrl-C or SIGTERM, written
   atomically, from which the same command resumes; ``model.pt`` (weights only) at the end;
 - a clear error when a loss turns NaN or infinite.
@@ -33,6 +35,7 @@ from pixcli.engine.runtime import Runtime, unwrap
 from pixcli.engine.signals import StopRequest
 from pixcli.engine.tracking import RunLog
 from pixcli.errors import Interrupted, Terminated, UserError
+from pixcli.predictor import checkpoint_palette
 
 
 @dataclass
@@ -263,11 +266,14 @@ class TrainLoop:
         if self.evaluate is None:
             return
         metrics = self.evaluate()
+        previews = metrics.pop("previews", [])  # evaluate_dataset(..., previews=N)
         self.last_val = {"step": self.step, "mIoU": metrics["mIoU"]}
         if self.run_log is not None:
             per_class = {c: row["IoU"] for c, row in metrics.get("per_class", {}).items()}
             entry = {"step": self.step, "val_mIoU": metrics["mIoU"], "val_IoU": per_class}
             self.run_log.write(entry)
+            if previews and "classes" in self.meta:
+                self.run_log.write_previews(self.step, previews, checkpoint_palette(self.meta))
             progress.console.print(f"step {self.step}: val mIoU {metrics['mIoU']:.2f}")
             if not self.best or metrics["mIoU"] > self.best["mIoU"]:
                 self.best = dict(self.last_val)
