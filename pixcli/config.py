@@ -77,6 +77,7 @@ RANGES: dict[str, Check] = {
     "seed": _NON_NEGATIVE,
     "loop.iterations": _NON_NEGATIVE,  # 0: model.pt is the initial model (said on screen)
     "loop.log_every": _POSITIVE_INT,
+    "log_every": _NON_NEGATIVE,  # predict's progress lines (0: every tenth of the images)
     "loop.eval_every": _NON_NEGATIVE,
     "loop.checkpoint_every": _NON_NEGATIVE,
     "optim.name": (lambda v: v in ("sgd", "adamw"), "one of sgd, adamw"),

@@ -59,6 +59,8 @@ class PredictConfig:
     alpha: float = 0.5  # weight of the colours in the overlay
     confidence: bool = False  # also write REL_confidence.png
     probs: bool = False  # also write REL_probs.npy (float16)
+    # Not on a terminal: a progress line every this many images (0: every tenth of them).
+    log_every: int = 0
     # Inference; None keeps the checkpoint's own setting (its eval section).
     window: tuple[int, int] | None = None
     stride: tuple[int, int] | None = None
@@ -197,7 +199,8 @@ def _predict_shard(
         progress.advance(task, len(pending))
         pending.clear()
 
-    with make_progress(runtime.is_main) as progress, ThreadPoolExecutor(2) as pool:
+    progress = make_progress(runtime.is_main, log_every=cfg.log_every, unit="images")
+    with progress, ThreadPoolExecutor(2) as pool:
         task = progress.add_task(STAGE, total=len(todo), rate="", info="")
         for item, array in _read_ahead(pool, todo, IO_AHEAD):
             if isinstance(array, UserError):
@@ -213,6 +216,19 @@ def _predict_shard(
         for write in writes:
             write.result()
     return failed
+
+
+def summary_line(manifest: dict, out: Path) -> str:
+    """The run's last line, like the other stages' (:func:`stages.common.finish`): e.g.
+    ``predict finished in 4.2 s: 300 images predicted in 3.9 s (76.92 images/s), 0 already
+    done, 0 unreadable -> runs/predict``."""
+    results = manifest["results"]
+    return (
+        f"{STAGE} finished in {manifest['wall_time_s']:.1f} s: {results['predicted']} images "
+        f"predicted in {results['predict_seconds']:.1f} s ({results['images_per_s']:.2f} "
+        f"images/s), {results['already_done']} already done, {len(results['failed'])} "
+        f"unreadable -> {out}"
+    )
 
 
 def run(cfg: PredictConfig, checkpoint: Path, out: Path) -> dict:
@@ -261,12 +277,8 @@ def run(cfg: PredictConfig, checkpoint: Path, out: Path) -> dict:
         "inference": to_dict(predictor.inference),
     }
     if runtime.is_main:
-        write_manifest(out, STAGE, config, inputs, results, timer.seconds(), not failed)
-        console.print(
-            f"predicted {predicted} images in {predicting:.1f} s "
-            f"({results['images_per_s']:.2f} images/s) -> {out}",
-            highlight=False,
-        )
+        manifest = write_manifest(out, STAGE, config, inputs, results, timer.seconds(), not failed)
+        console.print(summary_line(manifest, out), highlight=False, soft_wrap=True)
     shutdown(runtime)
     if failed:
         raise UserError(

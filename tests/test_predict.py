@@ -3,6 +3,7 @@ kind, unreadable images, reruns, cheap imports."""
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 import sys
@@ -178,6 +179,35 @@ def test_rerun_skips_finished_images_and_refuses_another_checkpoint(warm: Path, 
     result = _predict(other, tmp_path / "pred", tmp_path / "in")
     assert result.exit_code == 2
     assert "holds predictions made with another checkpoint" in _text(result.output)
+
+
+PROGRESS = re.compile(r"^predict (\d+)/5 [\d.]+ images/s elapsed \d+:\d\d:\d\d eta \d+:\d\d:\d\d$")
+SUMMARY = re.compile(
+    r"^predict finished in [\d.]+ s: (\d+) images predicted in [\d.]+ s \([\d.]+ "
+    r"images/s\), (\d+) already done, 0 unreadable -> (.+)$"
+)
+
+
+def test_not_on_a_terminal_prints_progress_lines_and_a_summary(warm: Path, tmp_path: Path):
+    """Output to a file or pipe (CliRunner's is not a terminal): one plain line per
+    ``log_every`` images and at the end, then the summary line; a rerun counts what was done."""
+    for i in range(6):
+        write_png(tmp_path / "in" / f"{i}.png", pattern_image(i, (16, 16)))
+    (tmp_path / "in" / "5.png").rename(tmp_path / "later.png")
+    out = tmp_path / "pred"
+    result = _predict(warm, out, tmp_path / "in", extra=("--set", "log_every=2"))
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    assert [int(m.group(1)) for m in map(PROGRESS.match, lines) if m] == [2, 4, 5]
+    summary = [m for m in map(SUMMARY.match, lines) if m]
+    assert [(m.group(1), m.group(2), m.group(3)) for m in summary] == [("5", "0", str(out))]
+    assert lines[-1] == summary[0].group(0)
+    (tmp_path / "later.png").rename(tmp_path / "in" / "5.png")
+    result = _predict(warm, out, tmp_path / "in")
+    assert result.exit_code == 0, result.output
+    assert [m.group(1, 2) for m in map(SUMMARY.match, result.output.splitlines()) if m] == [
+        ("1", "5")
+    ]
 
 
 @pytest.mark.parametrize(

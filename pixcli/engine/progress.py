@@ -5,7 +5,8 @@ gives a rich bar whose count, rate, elapsed and remaining time keep fixed column
 ``info`` text (losses) takes what is left of the line and is cut with an ellipsis. When stderr
 is not a terminal (``nohup``, SLURM, ``2> file``) it gives a :class:`LineProgress` instead:
 one plain line every ``log_every`` steps (and at the end), e.g.
-``train 40/250 2.31 it/s elapsed 0:00:17 eta 0:01:31 loss_ce 0.412``.
+``train 40/250 2.31 it/s elapsed 0:00:17 eta 0:01:31 loss_ce 0.412``; ``unit`` names what
+is counted (``predict 40/300 9.80 images/s ...``).
 Both have the calls the stages use: ``add_task``, ``update``, ``advance`` and ``console``.
 """
 
@@ -33,23 +34,31 @@ console = Console(stderr=True)
 
 
 class RateColumn(ProgressColumn):
-    """Steps per second over rich's recent window, in a fixed-width column."""
+    """``unit``s per second over rich's recent window, in a fixed-width column."""
+
+    def __init__(self, unit: str = "it", **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.unit = unit
 
     def render(self, task: Task) -> Text:
         speed = task.finished_speed or task.speed
-        return Text("   - it/s" if speed is None else f"{speed:5.2f} it/s", style="progress.data")
+        rate = "    -" if speed is None else f"{speed:5.2f}"
+        return Text(f"{rate} {self.unit}/s", style="progress.data")
 
 
-def make_progress(enabled: bool = True, log_every: int = 0) -> Progress | LineProgress:
+def make_progress(
+    enabled: bool = True, log_every: int = 0, unit: str = "it"
+) -> Progress | LineProgress:
     """A rich bar on a terminal, else a :class:`LineProgress` printing every ``log_every``
-    steps (0: every tenth of the total). ``enabled=False`` prints nothing at all."""
+    steps (0: every tenth of the total); rates in ``unit``/s. ``enabled=False`` prints
+    nothing at all."""
     if enabled and not console.is_terminal:
-        return LineProgress(log_every)
+        return LineProgress(log_every, unit)
     return Progress(
         TextColumn("[bold]{task.description}", table_column=Column(no_wrap=True)),
         BarColumn(bar_width=16),
         MofNCompleteColumn(table_column=Column(no_wrap=True)),
-        RateColumn(table_column=Column(no_wrap=True)),
+        RateColumn(unit, table_column=Column(no_wrap=True)),
         TimeElapsedColumn(table_column=Column(no_wrap=True)),
         TextColumn("eta", table_column=Column(no_wrap=True)),
         TimeRemainingColumn(table_column=Column(no_wrap=True)),
@@ -82,8 +91,9 @@ class LineProgress:
     """Plain-text progress for logs: one line per ``log_every`` completed steps and one when
     a task completes. The rate and ETA are measured since the task was added."""
 
-    def __init__(self, log_every: int = 0) -> None:
+    def __init__(self, log_every: int = 0, unit: str = "it") -> None:
         self.log_every = log_every
+        self.unit = unit
         self.console = console
         self.tasks: list[_LineTask] = []
 
@@ -138,7 +148,7 @@ class LineProgress:
         elapsed = time.perf_counter() - task.start
         rate = (task.completed - task.start_completed) / max(elapsed, 1e-9)
         total = "?" if task.total is None else f"{int(task.total)}"
-        parts = [f"{task.description} {int(task.completed)}/{total}", f"{rate:.2f} it/s"]
+        parts = [f"{task.description} {int(task.completed)}/{total}", f"{rate:.2f} {self.unit}/s"]
         parts.append(f"elapsed {_clock(elapsed)}")
         if task.total is not None and rate > 0:
             parts.append(f"eta {_clock((task.total - task.completed) / rate)}")
