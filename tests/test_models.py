@@ -67,6 +67,19 @@ def test_deeplabv3plus_aspp_dilations_follow_backbone_stride() -> None:
     assert dilations(8) == [12, 24, 36]
 
 
+def test_head_kwargs_reach_the_head() -> None:
+    def branches(**head_kwargs: object) -> int:
+        model = build_segmentor(tiny_config(head="deeplabv3plus", head_kwargs=head_kwargs))
+        return len(model.decoder.aspp.branches)
+
+    assert branches() == 5  # 1x1, three atrous, image pooling
+    assert branches(image_pool=False) == 4
+    hyper = build_segmentor(tiny_config(head="hypercolumn", head_kwargs={"max_stride": 8}))
+    assert len(hyper.decoder.in_indices) == 2  # strides 4 and 8 of test_resnet's 4..32
+    restored = SegmentorConfig.from_dict(hyper.config.to_dict())
+    assert restored.head_kwargs == {"max_stride": 8}
+
+
 def test_nhwc_backbone_features_become_nchw() -> None:
     """timm's MambaOut and Swin return NHWC feature maps; the heads get NCHW."""
     model = build_segmentor(tiny_config(backbone="test_mambaout", head="deeplabv2"))
@@ -110,6 +123,12 @@ def test_state_dict_loads_into_model_built_without_weights(tmp_path: Path) -> No
         ({"output_stride": 4}, "output_stride"),
         ({"proj_dim": 0}, "proj_dim"),
         ({"dropout": 1.0}, "dropout"),
+        (
+            {"head": "deeplabv3plus", "head_kwargs": {"pool": False}},
+            "head 'deeplabv3plus' takes no option pool in head_kwargs (it takes: aspp_dim, "
+            "low_level_dim, image_pool)",
+        ),
+        ({"head": "deeplabv2", "head_kwargs": {"max_stride": 16}}, "takes no option max_stride"),
     ],
 )
 def test_bad_config_is_user_error(overrides: dict[str, object], message: str) -> None:

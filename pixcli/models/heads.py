@@ -10,6 +10,7 @@ the projection head live in :class:`pixcli.models.Segmentor`, so every head shar
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Sequence
 
 import torch
@@ -86,7 +87,9 @@ class DeepLabV3PlusHead(DecodeHead):
     pooling; concatenated and projected to 256), upsampled to the stride-4 stage, whose
     features are reduced to 48 channels; concatenation, then two 3x3 conv-BN-ReLU give
     ``feature_dim`` pixel features at stride 4. The plain-conv ASPP follows the ResNet
-    DeepLabV3+ of UniMatch, which IPixMatch builds on.
+    DeepLabV3+ of UniMatch, which IPixMatch builds on. ``image_pool = false``
+    (``model.head_kwargs``) drops the image-level branch: its global average is a feature of
+    the whole image's style, which a domain shift moves for every pixel at once.
     """
 
     def __init__(
@@ -96,13 +99,14 @@ class DeepLabV3PlusHead(DecodeHead):
         feature_dim: int,
         aspp_dim: int = 256,
         low_level_dim: int = 48,
+        image_pool: bool = True,
     ) -> None:
         super().__init__()
         self.low_index = fine_index(reductions)
         self.out_channels = feature_dim
         self.output_stride = reductions[self.low_index]
         dilations = (1, *aspp_dilations(reductions[-1]))
-        self.aspp = ASPP(channels[-1], aspp_dim, dilations, image_pool=True)
+        self.aspp = ASPP(channels[-1], aspp_dim, dilations, image_pool=image_pool)
         self.low_level = conv_bn_relu(channels[self.low_index], low_level_dim, 1)
         self.fuse = nn.Sequential(
             conv_bn_relu(aspp_dim + low_level_dim, feature_dim, 3),
@@ -203,6 +207,13 @@ class ProjectionHead(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return F.normalize(self.layers(x), dim=1)
+
+
+def head_options(name: str) -> list[str]:
+    """The keyword arguments head ``name`` takes besides channels, reductions, feature_dim
+    (what ``model.head_kwargs`` may set)."""
+    params = list(inspect.signature(HEADS[name]).parameters)
+    return params[3:]
 
 
 HeadFactory = Callable[[Sequence[int], Sequence[int], int], DecodeHead]

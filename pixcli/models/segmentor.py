@@ -12,7 +12,7 @@ from torch import Tensor, nn
 
 from pixcli.errors import UserError
 from pixcli.models.backbone import OUTPUT_STRIDES, Backbone, create_backbone
-from pixcli.models.heads import HEADS, ProjectionHead
+from pixcli.models.heads import HEADS, ProjectionHead, head_options
 from pixcli.models.vit import ViTBackbone
 
 
@@ -32,6 +32,8 @@ class SegmentorConfig:
         output_stride: passed to timm when set (8 or 16 dilate ResNets; None = model's own).
         backbone_kwargs: more ``timm.create_model`` arguments (``drop_path_rate = 0.1``;
             ``depth``/``embed_dim``/``num_heads`` for a smaller model of a family).
+        head_kwargs: more arguments of the head (``image_pool = false`` for DeepLabV3+,
+            ``max_stride = 16`` for hypercolumns; see :mod:`pixcli.models.heads`).
         feature_dim: channels D of the decoder pixel features.
         proj_dim: size of the projection head (PGPC/PiXL: 256); None = no projection head.
         dropout: channel dropout before the classifier.
@@ -44,6 +46,7 @@ class SegmentorConfig:
     weights_file: str | None = None
     output_stride: int | None = None
     backbone_kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)
+    head_kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)
     feature_dim: int = 256
     proj_dim: int | None = None
     dropout: float = 0.1
@@ -56,6 +59,13 @@ class SegmentorConfig:
     def _problem(self) -> str | None:
         if self.head not in HEADS:
             return f"unknown head '{self.head}' (choose from {', '.join(HEADS)})"
+        accepted = head_options(self.head)
+        unknown = sorted(set(self.head_kwargs) - set(accepted))
+        if unknown:
+            return (
+                f"head '{self.head}' takes no option {', '.join(unknown)} in head_kwargs "
+                f"(it takes: {', '.join(accepted) or 'none'})"
+            )
         if self.num_classes < 1:
             return f"num_classes must be >= 1, got {self.num_classes}"
         if self.output_stride is not None and self.output_stride not in OUTPUT_STRIDES:
@@ -118,7 +128,7 @@ class Segmentor(nn.Module):
         self.config = config
         self.backbone = backbone
         self.decoder = HEADS[config.head](
-            backbone.channels, backbone.reductions, config.feature_dim
+            backbone.channels, backbone.reductions, config.feature_dim, **config.head_kwargs
         )
         self.classifier = nn.Sequential(
             nn.Dropout2d(config.dropout),
