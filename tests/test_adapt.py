@@ -178,6 +178,31 @@ def test_ohem_labelled_loss_is_at_least_the_plain_one(tiny_bench: Path, warm: Pa
         adapt.run(cfg, warm, tmp_path / "focal")
 
 
+def test_teacher_norm_batch_changes_the_pseudo_labels_and_keeps_the_teacher(
+    tiny_bench: Path, warm: Path, tmp_path: Path
+):
+    """The same first step with the teacher normalising the target batch by its own
+    statistics gives other pseudo labels (their logged mIoU), and the teacher's running
+    statistics move only by the EMA (equal in both runs after one step)."""
+    first, teacher_var = {}, {}
+    for norm in ("running", "batch"):
+        cfg = _cfg(tiny_bench)
+        cfg.loop.iterations, cfg.loop.log_every = 1, 1
+        cfg.self_training.teacher_norm = norm
+        adapt.run(cfg, warm, tmp_path / norm)
+        lines = (tmp_path / norm / "train_log.jsonl").read_text().splitlines()
+        first[norm] = next(e for e in map(json.loads, lines) if "ce_unlabelled" in e)
+        ckpt = torch.load(tmp_path / norm / "last.pt", weights_only=True)
+        state = ckpt["train_state"]["modules"]["teacher"]
+        teacher_var[norm] = next(v for k, v in state.items() if k.endswith("running_var"))
+    assert first["batch"]["pl_mIoU"] != first["running"]["pl_mIoU"]
+    assert first["batch"]["ce_labelled"] == first["running"]["ce_labelled"]
+    assert torch.equal(teacher_var["batch"], teacher_var["running"])
+    cfg.self_training.teacher_norm = "group"
+    with pytest.raises(UserError, match="self_training.teacher_norm 'group'"):
+        adapt.run(cfg, warm, tmp_path / "group")
+
+
 @pytest.mark.parametrize(
     ("changes", "message"),
     [

@@ -15,7 +15,7 @@ from safetensors.torch import save_file
 
 from pixcli.errors import UserError
 from pixcli.models import HEADS, SegmentorConfig, SegOutput, build_segmentor
-from pixcli.models.norm_statistics import frozen_norm_statistics
+from pixcli.models.norm_statistics import frozen_norm_statistics, target_norm_statistics
 
 TINY_BACKBONES = ["test_resnet", "pvt_v2_b0", "test_mambaout"]  # CNN, MiT-B0, NHWC output
 SIZES = [(64, 64), (64, 96)]
@@ -294,3 +294,21 @@ def test_frozen_norm_statistics_normalises_by_batch_but_keeps_running_statistics
     assert torch.allclose(out, by_batch, atol=1e-5)  # still the batch's statistics
     bn(y)  # outside the block the running statistics move again
     assert not torch.allclose(bn.running_mean, mean)
+
+
+def test_target_norm_statistics_normalises_an_eval_model_by_its_batch() -> None:
+    bn = torch.nn.BatchNorm2d(3)
+    model = torch.nn.Sequential(bn, torch.nn.Dropout(0.5)).eval()
+    bn.running_mean.fill_(5.0)
+    bn.running_var.fill_(4.0)
+    y = 1.0 + 2.0 * torch.randn(4, 3, 5, 5, generator=torch.Generator().manual_seed(1))
+    with target_norm_statistics(model):
+        out = model(y)
+        assert not model[1].training  # dropout stays off
+    by_batch = (y - y.mean((0, 2, 3), keepdim=True)) / torch.sqrt(
+        y.var((0, 2, 3), unbiased=False, keepdim=True) + bn.eps
+    )
+    assert torch.allclose(out, by_batch, atol=1e-5)
+    assert torch.equal(bn.running_mean, torch.full((3,), 5.0)) and not bn.training
+    expected = (y - 5.0) / torch.sqrt(torch.tensor(4.0 + bn.eps))
+    assert torch.allclose(model(y), expected, atol=1e-5)  # the running statistics again

@@ -25,6 +25,7 @@ UniMatch's step instead (``pixcli.engine.semi_step``), a subclass that replaces 
 from __future__ import annotations
 
 from collections.abc import Iterator
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -47,8 +48,10 @@ from pixcli.losses.self_training import (
     weighted_cross_entropy,
 )
 from pixcli.methods.base import Method, StepContext, StrongView
+from pixcli.models.norm_statistics import target_norm_statistics
 
 LABELLED_LOSSES = ("ce", "ohem")
+TEACHER_NORMS = ("running", "batch")
 
 
 @dataclass
@@ -62,6 +65,9 @@ class SelfTrainingConfig:
     strong_jitter: float = 0.2  # DACS colour jitter strength
     strong_blur_prob: float = 0.5  # DACS blur probability
     unlabelled_weight: float = 1.0  # weight of the unlabelled (mixed) CE term
+    # The teacher's BatchNorm on the weak view: "running" (its EMA statistics, DAFormer's) or
+    # "batch" (the unlabelled batch's own statistics, AdaBN per batch; a pixcli option).
+    teacher_norm: str = "running"
     consistency: str = "auto"  # dacs | unimatch (semi_step); auto: unimatch for --setting semi
     # The labelled loss: ce | ohem (UniMatch's on Cityscapes, pixcli.losses.ohem)
     labelled_loss: str = "ce"
@@ -98,6 +104,11 @@ class SelfTrainingStep:
         unlabelled: Iterator[dict] | None,
         seed: int = 0,
     ) -> None:
+        if cfg.teacher_norm not in TEACHER_NORMS:
+            raise UserError(
+                f"self_training.teacher_norm {cfg.teacher_norm!r}: expected one of "
+                f"{', '.join(TEACHER_NORMS)}"
+            )
         if cfg.labelled_loss not in LABELLED_LOSSES:
             raise UserError(
                 f"self_training.labelled_loss {cfg.labelled_loss!r}: expected one of "
@@ -182,6 +193,11 @@ class SelfTrainingStep:
             confidence = ctx.teacher_logits.float().softmax(1).amax(1)
             self.monitor.update(ctx.pseudo_label, confidence, label)
 
+    def _teacher_norm(self) -> AbstractContextManager:
+        if self.cfg.teacher_norm == "batch":
+            return target_norm_statistics(self.teacher)
+        return nullcontext()
+
     def _labelled_loss(self, logits: Tensor, labels: Tensor) -> Tensor:
         if self.cfg.labelled_loss == "ohem":
             return ohem_cross_entropy(
@@ -196,7 +212,7 @@ class SelfTrainingStep:
         ctx.unlabelled_image = batch["image"].to(dev, non_blocking=True)
         ctx.unlabelled_index = batch["index"]
         ctx.unlabelled_geometry = batch["geometry"]
-        with torch.no_grad():
+        with torch.no_grad(), self._teacher_norm():
             ctx.teacher_output = self.teacher(ctx.unlabelled_image)
             ctx.teacher_logits = full_size(ctx.teacher_output.logits, ctx.unlabelled_image)
             labels, weights = pseudo_labels_and_weights(

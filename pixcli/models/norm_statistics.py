@@ -33,3 +33,25 @@ def frozen_norm_statistics(model: nn.Module) -> Iterator[None]:
             if count is not None:  # momentum=None (cumulative average) counts forwards
                 assert module.num_batches_tracked is not None
                 module.num_batches_tracked.copy_(count)
+
+
+@contextmanager
+def target_norm_statistics(model: nn.Module) -> Iterator[None]:
+    """Inside the block, every BatchNorm of ``model`` normalises with the statistics of the
+    batch it is given, even in eval mode, and its running statistics stay as they were.
+
+    AdaBN (Li et al., "Revisiting batch normalization for practical domain adaptation", ICLR
+    workshop 2017) applied per batch: a teacher in eval mode that sees a target batch
+    normalises it by the target's own statistics instead of the source-dominated running ones.
+    Dropout and every other module keep their mode.
+    """
+    norms = [m for m in model.modules() if isinstance(m, _BatchNorm)]
+    modes = [m.training for m in norms]
+    with frozen_norm_statistics(model):
+        for module in norms:
+            module.train()
+        try:
+            yield
+        finally:
+            for module, mode in zip(norms, modes, strict=True):
+                module.train(mode)
