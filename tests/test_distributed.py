@@ -7,6 +7,7 @@ import dataclasses
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -416,3 +417,69 @@ def test_average_gradients_over_two_gloo_processes(tmp_path: Path):
         assert torch.equal(a, torch.full((2, 3), 1.5)) and torch.equal(b, torch.full((2, 3), 2.0))
         assert c is None and torch.equal(frozen, torch.full((2,), 7.0 + rank))
     rt.average_gradients([torch.nn.Parameter(torch.ones(1))], _runtime("cpu", 1))  # no group
+
+
+SIGNAL_STEPS = 8  # the run's length; rank 0 signals itself during step 3
+
+
+def _sigterm_worker(rank: int, init_file: str, out_dir: str) -> None:
+    """A 2-rank TrainLoop whose steps average gradients (a collective, as DDP's); only
+    rank 0 gets SIGTERM, in the middle of its third step. Writes what each rank ended with."""
+    import signal
+    from datetime import timedelta
+
+    from pixcli.engine.optim import OptimConfig
+
+    torch.distributed.init_process_group(
+        "gloo", f"file://{init_file}", rank=rank, world_size=2, timeout=timedelta(seconds=20)
+    )
+    runtime = Runtime(device=CPU, rank=rank, world_size=2)
+    (Path(out_dir) / "run").mkdir(exist_ok=True)
+    torch.manual_seed(0)
+    model = build_segmentor(SegmentorConfig(backbone="test_resnet", feature_dim=8))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    loop = trainer.TrainLoop(
+        Path(out_dir) / "run", runtime, trainer.LoopConfig(SIGNAL_STEPS, 1, 0, 0),
+        OptimConfig(lr=0.1), {"model": model}, {"model": optimizer},
+        {"classes": [str(c) for c in range(19)], "config": {}},
+    )  # fmt: skip
+
+    def step(index: int) -> dict[str, float]:
+        loss = sum((p.float() ** 2).mean() for p in model.parameters())
+        optimizer.zero_grad()
+        loss.backward()
+        if rank == 0 and index == 2:
+            os.kill(os.getpid(), signal.SIGTERM)  # lands inside the step
+        rt.average_gradients(model.parameters(), runtime)
+        optimizer.step()
+        return {"loss": loss.item()}
+
+    try:
+        loop.run(step)
+        outcome = {"stopped": False, "step": loop.step}
+    except Interrupted as exc:
+        outcome = {"stopped": True, "step": loop.step, "terminated": exc.terminated}
+    torch.save({**outcome, "weights": unwrap(model).state_dict()}, f"{out_dir}/rank{rank}.pt")
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_sigterm_to_rank_0_only_stops_every_rank_after_the_same_step(tmp_path: Path):
+    context = torch.multiprocessing.spawn(
+        _sigterm_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=False
+    )
+    deadline = time.monotonic() + 60
+    while not context.join(timeout=max(deadline - time.monotonic(), 0)):  # one rank ended
+        if time.monotonic() >= deadline:  # a rank left waiting in a collective: a hang
+            for process in context.processes:
+                process.kill()
+            pytest.fail("the ranks did not stop together")
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)]
+    for outcome in ranks:
+        assert outcome["stopped"] and outcome["terminated"] and outcome["step"] == 3
+    last = load_checkpoint(tmp_path / "run" / "last.pt")
+    assert last["step"] == 3 and not (tmp_path / "run" / "model.pt").exists()
+    for name, value in last["state_dict"].items():  # rank 0 saved the weights of step 3
+        for outcome in ranks:
+            assert torch.equal(value, outcome["weights"][name]), name

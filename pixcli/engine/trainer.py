@@ -11,7 +11,8 @@ batches, computes its losses and steps its optimisers. The loop owns everything 
 - validation every ``eval_every`` steps and at the end, keeping ``best.pt`` beside the last
   (an ``evaluate`` returning ``"previews"``, see ``engine.evaluation.evaluate_dataset``,
   also shows those val predictions in TensorBoard);
-- ``last.pt`` every ``checkpoint_every`` steps and on Ctrl-C or SIGTERM, written
+- ``last.pt`` every ``checkpoint_every`` steps and on Ctrl-C or SIGTERM (under torchrun a
+  signal to any rank stops every rank after the same step: ``engine.signals``), written
   atomically, from which the same command resumes; ``model.pt`` (weights only) at the end;
 - a clear error when a loss turns NaN or infinite.
 """
@@ -216,10 +217,13 @@ class TrainLoop:
                         self._validate(progress)
                     if self._due(self.cfg.checkpoint_every) and self.step < total:
                         self._save_last()
-                    if stop.requested and self.step < total:  # Ctrl-C or SIGTERM: stop here
+                    # Ctrl-C or SIGTERM on any rank: every rank stops here (a collective)
+                    if self.step < total and stop.agree(self.runtime):
                         raise Terminated() if stop.terminated else KeyboardInterrupt
             except KeyboardInterrupt as exc:
                 self._save_last()
+                if stop.agreed:  # all ranks are here: none exits before last.pt is written
+                    self.runtime.barrier()
                 self._close_log()
                 raise Interrupted(
                     f"interrupted at step {self.step}; rerun the same command to resume",
