@@ -203,6 +203,25 @@ def test_teacher_norm_batch_changes_the_pseudo_labels_and_keeps_the_teacher(
         adapt.run(cfg, warm, tmp_path / "group")
 
 
+@pytest.mark.parametrize(("norm_from", "forwards"), [("all", 2), ("unlabelled", 1)])
+def test_student_norm_from_says_which_forwards_move_the_statistics(
+    tiny_bench: Path, warm: Path, tmp_path: Path, norm_from: str, forwards: int
+):
+    """A step runs the student on the labelled and on the mixed batch: BatchNorm counts the
+    forwards that moved its running statistics."""
+    before = torch.load(warm, weights_only=True)["state_dict"]
+    cfg = _cfg(tiny_bench)
+    cfg.loop.iterations, cfg.loop.log_every = 1, 1
+    cfg.self_training.student_norm_from = norm_from
+    adapt.run(cfg, warm, tmp_path / norm_from)
+    after = torch.load(tmp_path / norm_from / "model.pt", weights_only=True)["state_dict"]
+    key = next(k for k in after if k.endswith("num_batches_tracked"))
+    assert int(after[key] - before[key]) == forwards
+    cfg.self_training.student_norm_from = "source"
+    with pytest.raises(UserError, match="self_training.student_norm_from 'source'"):
+        adapt.run(cfg, warm, tmp_path / "source")
+
+
 @pytest.mark.parametrize(
     ("changes", "message"),
     [

@@ -48,10 +48,11 @@ from pixcli.losses.self_training import (
     weighted_cross_entropy,
 )
 from pixcli.methods.base import Method, StepContext, StrongView
-from pixcli.models.norm_statistics import target_norm_statistics
+from pixcli.models.norm_statistics import frozen_norm_statistics, target_norm_statistics
 
 LABELLED_LOSSES = ("ce", "ohem")
 TEACHER_NORMS = ("running", "batch")
+STUDENT_NORMS_FROM = ("all", "unlabelled")
 
 
 @dataclass
@@ -68,6 +69,9 @@ class SelfTrainingConfig:
     # The teacher's BatchNorm on the weak view: "running" (its EMA statistics, DAFormer's) or
     # "batch" (the unlabelled batch's own statistics, AdaBN per batch; a pixcli option).
     teacher_norm: str = "running"
+    # Which student forwards move its BatchNorm running statistics (what the teacher's EMA and
+    # evaluation use): "all" (DAFormer's) or "unlabelled" (only the mixed target images).
+    student_norm_from: str = "all"
     consistency: str = "auto"  # dacs | unimatch (semi_step); auto: unimatch for --setting semi
     # The labelled loss: ce | ohem (UniMatch's on Cityscapes, pixcli.losses.ohem)
     labelled_loss: str = "ce"
@@ -108,6 +112,11 @@ class SelfTrainingStep:
             raise UserError(
                 f"self_training.teacher_norm {cfg.teacher_norm!r}: expected one of "
                 f"{', '.join(TEACHER_NORMS)}"
+            )
+        if cfg.student_norm_from not in STUDENT_NORMS_FROM:
+            raise UserError(
+                f"self_training.student_norm_from {cfg.student_norm_from!r}: expected one of "
+                f"{', '.join(STUDENT_NORMS_FROM)}"
             )
         if cfg.labelled_loss not in LABELLED_LOSSES:
             raise UserError(
@@ -150,6 +159,9 @@ class SelfTrainingStep:
             if self.fd is not None:
                 ctx.student_labelled, fd = self.fd(self.student, image, ctx.labelled_label)
                 losses["fd"] = self.cfg.feature_distance * fd
+            elif self.cfg.student_norm_from == "unlabelled" and self.unlabelled is not None:
+                with frozen_norm_statistics(self.student):
+                    ctx.student_labelled = self.student(image)
             else:
                 ctx.student_labelled = self.student(image)
             losses["ce_labelled"] = self.labelled_weight * self._labelled_loss(
