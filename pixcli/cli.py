@@ -310,6 +310,7 @@ def eval_(
     window: WindowOpt = None,
     stride: StrideOpt = None,
     flip: FlipOpt = None,
+    scale: ScaleOpt = None,
     save_predictions: Annotated[
         bool | None, typer.Option("--save-predictions", help="Write palette PNGs.")
     ] = None,
@@ -321,6 +322,8 @@ def eval_(
 ) -> None:
     """Per-class IoU, mIoU, accuracies and the confusion matrix into metrics.json.
 
+    Inference as predict's: the checkpoint's own settings unless an option replaces one.
+
     Example: pixcli eval --checkpoint runs/warmup/model.pt --data cityscapes:runs/bench/target
     --out runs/eval
     """
@@ -328,7 +331,7 @@ def eval_(
 
     named = {
         "data": data, "split": split, "eval.window": _hw(window, "--window"),
-        "eval.stride": _hw(stride, "--stride"), "eval.flip": flip,
+        "eval.stride": _hw(stride, "--stride"), "eval.flip": flip, "eval.scale": scale,
         "save_predictions": save_predictions, "device": device, "seed": seed,
     }  # fmt: skip
     cfg = load_config(stage.EvalConfig, config, _overrides(set_, named))
@@ -447,9 +450,9 @@ def predict(
 
     named = {
         "images": [*(images or []), *(more_images or [])] or None,
-        "window": _hw(window, "--window"), "stride": _hw(stride, "--stride"), "flip": flip,
-        "scale": scale, "alpha": alpha, "confidence": confidence, "probs": probs,
-        "batch_size": batch_size, "device": device, "seed": seed,
+        "eval.window": _hw(window, "--window"), "eval.stride": _hw(stride, "--stride"),
+        "eval.flip": flip, "eval.scale": scale, "alpha": alpha, "confidence": confidence,
+        "probs": probs, "batch_size": batch_size, "device": device, "seed": seed,
     }  # fmt: skip
     cfg = load_config(stage.PredictConfig, config, _overrides(set_, named))
     stage.run(cfg, checkpoint, out)

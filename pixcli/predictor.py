@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +47,37 @@ def checkpoint_inference(ckpt: dict) -> InferenceConfig:
         return InferenceConfig()
     known = {f.name for f in dataclasses.fields(InferenceConfig)}
     return load_config(InferenceConfig, None, {k: v for k, v in stored.items() if k in known})
+
+
+@dataclass
+class InferenceChoice:
+    """The ``[eval]`` section of ``pixcli eval`` and ``pixcli predict``: the
+    :class:`InferenceConfig` fields a user chose; ``None`` keeps the checkpoint's own
+    (:func:`resolve_inference`). Same names and meanings as :class:`InferenceConfig`."""
+
+    window: tuple[int, int] | None = None
+    stride: tuple[int, int] | None = None
+    window_batch: int | None = None
+    flip: bool | None = None
+    multi_resolution: bool | None = None
+    multi_resolution_scale: float | None = None
+    scale: float | None = None
+
+    @classmethod
+    def of(cls, cfg: InferenceConfig) -> InferenceChoice:
+        """Every setting of ``cfg`` chosen (whatever the checkpoint says)."""
+        return cls(**dataclasses.asdict(cfg))
+
+
+def resolve_inference(ckpt: dict, **given: Any) -> InferenceConfig:
+    """How ``pixcli eval``, ``pixcli predict`` and :func:`load` predict with checkpoint
+    ``ckpt``: its own settings (:func:`checkpoint_inference`), each replaced by the one in
+    ``given`` (:class:`InferenceChoice` fields) unless that is ``None``. A window given
+    without a stride gets the default stride (2/3 of that window), not the checkpoint's."""
+    chosen = {k: v for k, v in given.items() if v is not None}
+    if "window" in chosen and "stride" not in chosen:
+        chosen["stride"] = None
+    return dataclasses.replace(checkpoint_inference(ckpt), **chosen)
 
 
 def checkpoint_palette(ckpt: dict) -> np.ndarray:
@@ -90,10 +122,9 @@ class Predictor:
         cls, path: Path, runtime: Runtime, **inference: Any
     ) -> tuple[Predictor, dict]:
         """The predictor of checkpoint ``path`` and the checkpoint dict. ``inference``:
-        :class:`InferenceConfig` fields replacing the checkpoint's; ``None`` keeps them."""
+        :class:`InferenceChoice` fields (see :func:`resolve_inference`)."""
         model, ckpt = segmentor_from_checkpoint(Path(path))
-        given = {k: v for k, v in inference.items() if v is not None}
-        settings = dataclasses.replace(checkpoint_inference(ckpt), **given)
+        settings = resolve_inference(ckpt, **inference)
         predictor = cls(model, ckpt["classes"], checkpoint_palette(ckpt), settings, runtime)
         return predictor, ckpt
 

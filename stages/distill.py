@@ -56,6 +56,7 @@ from pixcli.engine.trainer import LoopConfig
 from pixcli.errors import UserError
 from pixcli.losses.distillation import KDConfig
 from pixcli.models import SegmentorConfig, build_segmentor
+from pixcli.predictor import InferenceChoice
 from pixcli.pseudo_labels import PseudoLabelFile
 from pixcli.reporting import comparison_table, distill_table, print_table
 from stages import adapt, pseudolabel
@@ -314,7 +315,7 @@ def _evaluate(cfg: DistillConfig, model: Path, out: Path) -> Path:
     assert cfg.val is not None
     ecfg = eval_stage.EvalConfig(
         data=cfg.val, split=cfg.val_split, seed=cfg.seed, device=cfg.device, amp=cfg.amp,
-        eval=cfg.eval, reader=cfg.reader,
+        eval=InferenceChoice.of(cfg.eval), reader=cfg.reader,
     )  # fmt: skip
     eval_stage.run(ecfg, model, out)
     return out / "metrics.json"

@@ -1,8 +1,12 @@
 """``pixcli eval``: metrics of a checkpoint on labelled data, with sliding-window inference:
-``metrics.json``, ``confusion.png`` (row-normalised) and ``manifest.json``."""
+``metrics.json``, ``confusion.png`` (row-normalised) and ``manifest.json``.
+
+Inference is chosen as ``pixcli predict``'s (:func:`pixcli.predictor.resolve_inference`):
+the checkpoint's own settings, each ``[eval]`` setting given replacing one."""
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -17,10 +21,10 @@ from pixcli.artifacts import (
 from pixcli.config import to_dict
 from pixcli.data.readers import ReaderConfig
 from pixcli.engine.evaluation import evaluate_dataset
-from pixcli.engine.inference import InferenceConfig
 from pixcli.engine.runtime import setup_runtime, shutdown
 from pixcli.errors import UserError
 from pixcli.figures import confusion_png, save_png_bytes
+from pixcli.predictor import InferenceChoice, resolve_inference
 from pixcli.reporting import metrics_table, print_table
 from stages.common import Timer, finish, load_model_for, open_labelled, prepare_out_dir
 
@@ -33,7 +37,7 @@ class EvalConfig:
     device: str = "auto"
     amp: bool = True
     save_predictions: bool = False  # palette PNGs in OUT/predictions/
-    eval: InferenceConfig = field(default_factory=InferenceConfig)
+    eval: InferenceChoice = field(default_factory=InferenceChoice)  # None: the checkpoint's
     reader: ReaderConfig = field(default_factory=ReaderConfig)  # [reader]: acdc, darkzurich, folder
 
 
@@ -45,7 +49,8 @@ def run(cfg: EvalConfig, checkpoint: Path, out: Path) -> dict:
     dataset = open_labelled(cfg.data, cfg.split, "--data", cfg.reader)
     inputs = {"checkpoint": file_fingerprint(checkpoint), "data": dataset.fingerprint()}
     runtime = setup_runtime(cfg.device, cfg.amp, cfg.seed)
-    model, _ = load_model_for(checkpoint, dataset, runtime)
+    model, ckpt = load_model_for(checkpoint, dataset, runtime)
+    infer = resolve_inference(ckpt, **dataclasses.asdict(cfg.eval))
     done = prepare_out_dir(out, "eval", inputs, to_dict(cfg), [checkpoint])
     if done is not None:
         shutdown(runtime)
@@ -56,7 +61,7 @@ def run(cfg: EvalConfig, checkpoint: Path, out: Path) -> dict:
         save_label_png(out / "predictions" / f"{name}.png", pred, palette)
 
     metrics = evaluate_dataset(
-        model, dataset, cfg.eval, runtime, on_prediction=save if cfg.save_predictions else None
+        model, dataset, infer, runtime, on_prediction=save if cfg.save_predictions else None
     )
     if runtime.is_main:
         write_json(out / "metrics.json", metrics)
@@ -65,6 +70,7 @@ def run(cfg: EvalConfig, checkpoint: Path, out: Path) -> dict:
         headline = {
             k: metrics[k] for k in ("mIoU", "mIoU16", "mIoU13", "mAcc", "aAcc") if k in metrics
         }
+        headline["inference"] = to_dict(infer)
         finish(out, "eval", to_dict(cfg), inputs, headline, timer, {"checkpoint": checkpoint})
         print_table(metrics_table(metrics, f"{checkpoint} on {cfg.data} ({cfg.split})"))
     shutdown(runtime)

@@ -19,6 +19,7 @@ predicts every ``world_size``-th unfinished image; rank 0 writes ``manifest.json
 
 from __future__ import annotations
 
+import dataclasses
 from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -42,7 +43,7 @@ from pixcli.data.image_files import ImageFile, find_images, read_image
 from pixcli.engine.progress import console, make_progress
 from pixcli.engine.runtime import Runtime, setup_runtime, shutdown
 from pixcli.errors import UserError
-from pixcli.predictor import Predictor
+from pixcli.predictor import InferenceChoice, Predictor
 from stages.common import Timer
 
 STAGE = "predict"
@@ -61,11 +62,8 @@ class PredictConfig:
     probs: bool = False  # also write REL_probs.npy (float16)
     # Not on a terminal: a progress line every this many images (0: every tenth of them).
     log_every: int = 0
-    # Inference; None keeps the checkpoint's own setting (its eval section).
-    window: tuple[int, int] | None = None
-    stride: tuple[int, int] | None = None
-    flip: bool | None = None
-    scale: float | None = None
+    # Inference; None keeps the checkpoint's own setting (its eval section), as pixcli eval.
+    eval: InferenceChoice = field(default_factory=InferenceChoice)
 
 
 def output_paths(out: Path, image: ImageFile, cfg: PredictConfig) -> dict[str, Path]:
@@ -241,10 +239,7 @@ def run(cfg: PredictConfig, checkpoint: Path, out: Path) -> dict:
         raise UserError(f"--alpha must be between 0 and 1, got {cfg.alpha}")
     images = find_images(cfg.images, exclude=out)
     runtime = setup_runtime(cfg.device, cfg.amp, cfg.seed)
-    predictor, _ = Predictor.from_checkpoint(
-        checkpoint, runtime, window=cfg.window, stride=cfg.stride, flip=cfg.flip,
-        scale=cfg.scale,
-    )  # fmt: skip
+    predictor, _ = Predictor.from_checkpoint(checkpoint, runtime, **dataclasses.asdict(cfg.eval))
     inputs = {"checkpoint": file_fingerprint(checkpoint)}
     settings = _settings(cfg, predictor)
     config = {**to_dict(cfg), "settings": settings}

@@ -19,9 +19,11 @@ from typer.testing import CliRunner
 import pixcli
 from pixcli.artifacts import load_checkpoint, read_json, save_checkpoint
 from pixcli.cli import app
+from pixcli.config import to_dict
 from pixcli.data.image_files import find_images, read_image, to_rgb
 from pixcli.errors import UserError
 from pixcli.models import SegmentorConfig
+from pixcli.predictor import resolve_inference
 from stages import eval as eval_stage
 
 runner = CliRunner()
@@ -179,6 +181,44 @@ def test_rerun_skips_finished_images_and_refuses_another_checkpoint(warm: Path, 
     result = _predict(other, tmp_path / "pred", tmp_path / "in")
     assert result.exit_code == 2
     assert "holds predictions made with another checkpoint" in _text(result.output)
+
+
+def test_eval_and_predict_choose_the_same_inference_for_a_checkpoint(
+    tiny_bench: Path, warm: Path, tmp_path: Path
+):
+    """With no options, both take the checkpoint's validation settings (one function:
+    resolve_inference), and predict's labels are eval's; an option replaces one setting."""
+    data = load_checkpoint(warm)
+    own = {"window": [24, 24], "stride": [16, 16], "flip": True, "scale": 1.5}
+    data["meta"]["config"]["eval"] = {**data["meta"]["config"]["eval"], **own}
+    ckpt = tmp_path / "m.pt"
+    save_checkpoint(ckpt, data)
+    target = f"cityscapes:{tiny_bench / 'target'}"
+    ran = runner.invoke(
+        app, ["eval", "--checkpoint", str(ckpt), "--data", target, "--out", str(tmp_path / "e"),
+              "--device", "cpu", "--save-predictions"],
+    )  # fmt: skip
+    assert ran.exit_code == 0, ran.output
+    images = tmp_path / "images"
+    shutil.copytree(_val_images(tiny_bench), images)
+    assert _predict(ckpt, tmp_path / "p", images).exit_code == 0
+    chosen = read_json(tmp_path / "e" / "manifest.json")["results"]["inference"]
+    assert chosen == read_json(tmp_path / "p" / "manifest.json")["results"]["inference"]
+    assert {k: chosen[k] for k in own} == own
+    assert chosen == to_dict(resolve_inference(data))
+    for path in sorted((tmp_path / "e" / "predictions").rglob("*.png")):
+        rel = path.relative_to(tmp_path / "e" / "predictions")
+        mine = tmp_path / "p" / rel.parent / f"{rel.stem}_leftImg8bit_label.png"
+        np.testing.assert_array_equal(_ids(mine), _ids(path))
+    # a window without a stride: the default stride of that window, not the checkpoint's
+    mine = resolve_inference(data, window=(12, 12), flip=False)
+    assert (mine.window, mine.stride, mine.flip, mine.scale) == ((12, 12), None, False, 1.5)
+    ran = runner.invoke(
+        app, ["eval", "--checkpoint", str(ckpt), "--data", target, "--out", str(tmp_path / "e2"),
+              "--device", "cpu", "--window", "12x12", "--set", "eval.flip=false"],
+    )  # fmt: skip
+    assert ran.exit_code == 0, ran.output
+    assert read_json(tmp_path / "e2" / "manifest.json")["results"]["inference"] == to_dict(mine)
 
 
 PROGRESS = re.compile(r"^predict (\d+)/5 [\d.]+ images/s elapsed \d+:\d\d:\d\d eta \d+:\d\d:\d\d$")
