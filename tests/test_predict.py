@@ -3,6 +3,7 @@ kind, unreadable images, reruns, cheap imports."""
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import shutil
 import subprocess
@@ -21,9 +22,10 @@ from pixcli.artifacts import load_checkpoint, read_json, save_checkpoint
 from pixcli.cli import app
 from pixcli.config import to_dict
 from pixcli.data.image_files import find_images, read_image, to_rgb
+from pixcli.engine.inference import InferenceConfig
 from pixcli.errors import UserError
 from pixcli.models import SegmentorConfig
-from pixcli.predictor import resolve_inference
+from pixcli.predictor import InferenceChoice, resolve_inference
 from stages import eval as eval_stage
 
 runner = CliRunner()
@@ -219,6 +221,14 @@ def test_eval_and_predict_choose_the_same_inference_for_a_checkpoint(
     )  # fmt: skip
     assert ran.exit_code == 0, ran.output
     assert read_json(tmp_path / "e2" / "manifest.json")["results"]["inference"] == to_dict(mine)
+
+
+def test_the_eval_section_offers_every_inference_setting():
+    """InferenceChoice mirrors InferenceConfig field for field (all optional)."""
+    choice = [f.name for f in dataclasses.fields(InferenceChoice)]
+    assert choice == [f.name for f in dataclasses.fields(InferenceConfig)]
+    assert all(v is None for v in dataclasses.asdict(InferenceChoice()).values())
+    assert InferenceChoice.of(InferenceConfig(flip=True)).flip is True
 
 
 PROGRESS = re.compile(r"^predict (\d+)/5 [\d.]+ images/s elapsed \d+:\d\d:\d\d eta \d+:\d\d:\d\d$")
