@@ -35,7 +35,7 @@ def demo_warmup() -> warmup.WarmupConfig:
     return warmup.WarmupConfig(
         batch_size=8,
         num_workers=1,
-        model=SegmentorConfig(backbone="resnet18", head="deeplabv3plus", output_stride=16),
+        model=SegmentorConfig(backbone="resnet18", head="hypercolumn", output_stride=16),
         optim=OptimConfig(name="adamw", lr=1e-3, head_lr_mult=1.0, weight_decay=0.01),
         loop=LoopConfig(iterations=250, log_every=20, eval_every=0, checkpoint_every=100),
         augment=AugmentConfig(
@@ -59,7 +59,11 @@ def demo_adapt() -> adapt.AdaptConfig:
         loop=LoopConfig(iterations=120, log_every=20, eval_every=0, checkpoint_every=100),
         augment=DEMO_ADAPT_AUGMENT,
         self_training=SelfTrainingConfig(
-            ema_momentum=0.99, ema_ramp=False, rare_class_sampling=True
+            ema_momentum=0.99,
+            ema_ramp=False,
+            rare_class_sampling=True,
+            teacher_norm="batch",
+            student_norm_from="unlabelled",
         ),
         # CPSL at the demo's lr (50x the paper's): lambda_2 = 0.1 keeps lr * lambda_2 at the
         # paper's 5e-4 (see CPSLConfig.lambda_reg); a 16,384-row bank (the last 8 steps' samples,
