@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import socket
 import tempfile
 import time
 from collections.abc import Callable
@@ -45,8 +46,10 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
     0600, so that others in the group can read the artifacts.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    owner = f"{_HOST}-{os.getpid()}"
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".{owner}.tmp", dir=path.parent)
     os.close(fd)
+    _WRITING.add(Path(tmp).name)
     try:
         write(Path(tmp))
         os.chmod(tmp, 0o666 & ~_umask())
@@ -55,6 +58,8 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    finally:
+        _WRITING.discard(Path(tmp).name)
     _fsync(path.parent)  # the rename itself reaches the disk
 
 
@@ -74,16 +79,42 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
-# When this process started: temporary files older than that are left over by a killed run.
+# A temporary file of atomic_write is named ``.NAME.RANDOM.HOST-PID.tmp`` after the process
+# writing it (HOST without dots, so that the name splits at them).
+_HOST = socket.gethostname().replace(".", "_")
+_WRITING: set[str] = set()  # the names of this process's temporary files being written now
+# When this process started: the test for a temporary file that names no owner on this host.
 _STARTED = time.time()
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def _is_stale(tmp: Path) -> bool:
+    """Whether ``tmp``'s writer is gone: this process when it is not writing it, another
+    process on this host when that has ended; else (another host, an older pixcli's name)
+    when the file is older than this process."""
+    host, _, pid = tmp.name.removesuffix(".tmp").rpartition(".")[2].rpartition("-")
+    if host == _HOST and pid.isdigit():
+        if int(pid) == os.getpid():
+            return tmp.name not in _WRITING
+        return not _process_alive(int(pid))
+    return tmp.stat().st_mtime < _STARTED
 
 
 def remove_stale_temporaries(directory: Path) -> list[Path]:
     """Delete the ``.NAME.*.tmp`` files :func:`atomic_write` left in ``directory`` when a run
-    was killed (those older than this process, so never another live process's)."""
+    was killed (never one a live process is writing, see :func:`_is_stale`)."""
     removed = []
     for tmp in directory.glob(".*.tmp"):
-        if tmp.is_file() and not tmp.is_symlink() and tmp.stat().st_mtime < _STARTED:
+        if tmp.is_file() and not tmp.is_symlink() and _is_stale(tmp):
             tmp.unlink(missing_ok=True)
             removed.append(tmp)
     return removed

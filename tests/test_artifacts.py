@@ -1,3 +1,6 @@
+import os
+import signal
+import time
 from pathlib import Path
 
 import numpy as np
@@ -9,6 +12,7 @@ from pixcli.artifacts import (
     atomic_write,
     check_classes,
     load_checkpoint,
+    remove_stale_temporaries,
     save_checkpoint,
     save_label_png,
 )
@@ -82,6 +86,44 @@ def test_atomic_write_keeps_old_file_on_failure(tmp_path: Path):
         atomic_write(target, failing)
     assert target.read_text() == "old"
     assert [p.name for p in tmp_path.iterdir()] == ["f.txt"]
+
+
+def test_temporaries_of_a_killed_writer_are_removed_and_live_ones_kept(tmp_path: Path):
+    """Also when the killed process started after this one (a rerun inside the same Python
+    process, as the tests and ``pixcli demo`` do): the file names its writer."""
+    out = tmp_path / "out"
+    out.mkdir()
+    marker = tmp_path / "writing"
+
+    def write_then_hang(path: Path) -> None:
+        path.write_text("half")
+        marker.write_text("writing")
+        time.sleep(60)
+
+    pid = os.fork()
+    if pid == 0:  # the writer, SIGKILLed in the middle of its write
+        try:
+            atomic_write(out / "last.pt", write_then_hang)
+        finally:
+            os._exit(1)
+    try:
+        deadline = time.monotonic() + 60
+        while not marker.is_file() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        (tmp,) = out.glob(".last.pt.*.tmp")
+        assert remove_stale_temporaries(out) == []  # its writer is alive
+    finally:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+    assert remove_stale_temporaries(out) == [tmp]
+    assert list(out.iterdir()) == []
+
+    def write_while_cleaning(path: Path) -> None:
+        path.write_text("new")
+        assert remove_stale_temporaries(out) == []  # this process's write in progress
+
+    atomic_write(out / "m.json", write_while_cleaning)
+    assert [p.name for p in out.iterdir()] == ["m.json"]
 
 
 def test_label_png_is_exact_and_coloured(tmp_path: Path):
