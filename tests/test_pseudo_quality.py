@@ -27,6 +27,17 @@ def test_monitor_by_hand():
     assert s["pl_confident_acc"] == pytest.approx(100.0)
 
 
+def test_pixels_without_a_pseudo_label_are_left_out_and_counted():
+    m = PseudoLabelMonitor(["a", "b"], threshold=0.9, window=1)
+    pseudo = torch.tensor([[[0, 255, 1, 255]]])  # the method ignores pixels 1 and 3
+    truth = torch.tensor([[[0, 0, 1, 1]]])
+    m.update(pseudo, torch.ones(1, 1, 4), truth)
+    assert m.per_class() == {"a": 100.0, "b": 100.0}  # not "a" predicted on pixel 3
+    assert m.summary()["pl_ignored"] == pytest.approx(50.0)
+    m.update(truth, torch.ones(1, 1, 4), truth)
+    assert "pl_ignored" not in m.summary()
+
+
 def test_monitor_window_and_unlabelled_batches():
     m = PseudoLabelMonitor(["a", "b"], threshold=0.5, window=2)
     zeros, ones, sure = torch.zeros(1, 1, 2).long(), torch.ones(1, 1, 2).long(), torch.ones(1, 1, 2)

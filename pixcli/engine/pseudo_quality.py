@@ -10,8 +10,10 @@ rectified labels, for one) with the true labels of the same crop. Over a window 
 - ``pl_confident_acc``: the accuracy of the pseudo labels on those confident pixels;
 - per class (``per_class()``, written to ``train_log.jsonl`` on log steps): IoU.
 
-Pixels without a true label (255, padding) are left out. On a stream without labels the
-monitor reports nothing.
+Pixels without a true label (255, padding) are left out, and so are pixels the method leaves
+without a pseudo label (255: CPSL's and distillation's unconfident pixels; they are not
+trained on): ``pl_ignored`` is their share of the labelled pixels, reported when there are
+any. On a stream without labels the monitor reports nothing.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ class PseudoLabelMonitor:
     def __init__(self, class_names: Sequence[str], threshold: float, window: int = 20) -> None:
         self.class_names = list(class_names)
         self.threshold = threshold
-        self.steps: deque[tuple[Tensor, int, int, int]] = deque(maxlen=max(1, window))
+        self.steps: deque[tuple[Tensor, int, int, int, int]] = deque(maxlen=max(1, window))
 
     def update(self, pseudo_label: Tensor, confidence: Tensor, label: Tensor) -> None:
         """One step: (B, H, W) pseudo labels, teacher max-probabilities and true labels."""
@@ -40,13 +42,13 @@ class PseudoLabelMonitor:
         if not bool(known.any()):
             return
         n = len(self.class_names)
+        ignored = (pseudo_label == IGNORE_INDEX) & known
         pred = pseudo_label.masked_fill(pseudo_label == IGNORE_INDEX, 0)
-        conf = confusion_matrix(pred.cpu(), label.cpu(), n)
+        conf = confusion_matrix(pred.cpu(), label.masked_fill(ignored, IGNORE_INDEX).cpu(), n)
         confident = (confidence > self.threshold) & known
         correct = confident & (pseudo_label == label)
-        self.steps.append(
-            (conf, int(known.sum()), int(confident.sum()), int(correct.sum()))
-        )  # fmt: skip
+        counts = (known.sum(), confident.sum(), correct.sum(), ignored.sum())
+        self.steps.append((conf, *(int(c) for c in counts)))
 
     def _iou(self) -> np.ndarray:
         conf = sum(s[0] for s in self.steps).double().numpy()
@@ -69,6 +71,9 @@ class PseudoLabelMonitor:
         }
         if confident:
             out["pl_confident_acc"] = 100.0 * correct / confident
+        ignored = sum(s[4] for s in self.steps)
+        if ignored:
+            out["pl_ignored"] = 100.0 * ignored / known
         return out
 
     def per_class(self) -> dict[str, float | None]:
