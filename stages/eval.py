@@ -51,7 +51,9 @@ def run(cfg: EvalConfig, checkpoint: Path, out: Path) -> dict:
     runtime = setup_runtime(cfg.device, cfg.amp, cfg.seed)
     model, ckpt = load_model_for(checkpoint, dataset, runtime)
     infer = resolve_inference(ckpt, **dataclasses.asdict(cfg.eval))
-    done = prepare_out_dir(out, "eval", inputs, to_dict(cfg), [checkpoint])
+    # the manifest's configuration holds the settings used, not what was left to the checkpoint
+    config = {**to_dict(cfg), "eval": to_dict(infer)}
+    done = prepare_out_dir(out, "eval", inputs, config, [checkpoint])
     if done is not None:
         shutdown(runtime)
         return read_json(out / "metrics.json")
@@ -71,7 +73,7 @@ def run(cfg: EvalConfig, checkpoint: Path, out: Path) -> dict:
             k: metrics[k] for k in ("mIoU", "mIoU16", "mIoU13", "mAcc", "aAcc") if k in metrics
         }
         headline["inference"] = to_dict(infer)
-        finish(out, "eval", to_dict(cfg), inputs, headline, timer, {"checkpoint": checkpoint})
+        finish(out, "eval", config, inputs, headline, timer, {"checkpoint": checkpoint})
         print_table(metrics_table(metrics, f"{checkpoint} on {cfg.data} ({cfg.split})"))
     shutdown(runtime)
     return metrics

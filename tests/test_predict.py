@@ -212,6 +212,11 @@ def test_eval_and_predict_choose_the_same_inference_for_a_checkpoint(
         rel = path.relative_to(tmp_path / "e" / "predictions")
         mine = tmp_path / "p" / rel.parent / f"{rel.stem}_leftImg8bit_label.png"
         np.testing.assert_array_equal(_ids(mine), _ids(path))
+    again = runner.invoke(  # the checkpoint's settings spelt out: the same finished run
+        app, ["eval", "--checkpoint", str(ckpt), "--data", target, "--out", str(tmp_path / "e"),
+              "--device", "cpu", "--save-predictions", "--flip", "--scale", "1.5"],
+    )  # fmt: skip
+    assert again.exit_code == 0 and "already finished" in _text(again.output), again.output
     # a window without a stride: the default stride of that window, not the checkpoint's
     mine = resolve_inference(data, window=(12, 12), flip=False)
     assert (mine.window, mine.stride, mine.flip, mine.scale) == ((12, 12), None, False, 1.5)
