@@ -82,6 +82,7 @@ def demo_distill() -> distill.DistillConfig:
         optim=base.optim,
         loop=base.loop,
         augment=base.augment,
+        self_training=SelfTrainingConfig(classmix=False, student_norm_from="unlabelled"),
     )
 
 

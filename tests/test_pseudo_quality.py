@@ -36,6 +36,9 @@ def test_pixels_without_a_pseudo_label_are_left_out_and_counted():
     assert m.summary()["pl_ignored"] == pytest.approx(50.0)
     m.update(truth, torch.ones(1, 1, 4), truth)
     assert "pl_ignored" not in m.summary()
+    m.update(torch.full((1, 1, 4), 255), torch.ones(1, 1, 4), truth)  # nothing labelled
+    summary = m.summary()
+    assert "pl_mIoU" not in summary and summary["pl_ignored"] == 100.0  # no NaN mIoU
 
 
 def test_monitor_window_and_unlabelled_batches():

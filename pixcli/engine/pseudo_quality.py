@@ -65,10 +65,9 @@ class PseudoLabelMonitor:
         known = sum(s[1] for s in self.steps)
         confident = sum(s[2] for s in self.steps)
         correct = sum(s[3] for s in self.steps)
-        out = {
-            "pl_mIoU": float(np.nanmean(iou)),
-            "pl_confident": 100.0 * confident / known,
-        }
+        out = {"pl_confident": 100.0 * confident / known}
+        if not np.isnan(iou).all():  # every pixel left without a pseudo label: no mIoU
+            out["pl_mIoU"] = float(np.nanmean(iou))
         if confident:
             out["pl_confident_acc"] = 100.0 * correct / confident
         ignored = sum(s[4] for s in self.steps)
