@@ -31,6 +31,7 @@ from pixcli.engine.pseudo_quality import PseudoLabelMonitor
 from pixcli.engine.runtime import setup_runtime, shutdown, training_model, unwrap
 from pixcli.engine.self_training import SelfTrainingConfig, SelfTrainingStep
 from pixcli.engine.semi_step import UniMatchConfig, UniMatchStep
+from pixcli.engine.tracking import VAL_PREVIEWS
 from pixcli.engine.trainer import LoopConfig, TrainLoop
 from pixcli.errors import UserError
 from pixcli.losses.cpsl import CPSLConfig
@@ -240,7 +241,9 @@ def run(cfg: AdaptConfig, checkpoint: Path, out: Path) -> dict:
 
     def evaluate() -> dict:
         assert val is not None
-        return evaluate_dataset(eval_net(), val, cfg.eval, runtime, show_progress=False)
+        return evaluate_dataset(
+            eval_net(), val, cfg.eval, runtime, show_progress=False, previews=VAL_PREVIEWS
+        )
 
     modules = {"model": student, "teacher": teacher, "method": method}
     loop = TrainLoop(
