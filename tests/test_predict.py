@@ -138,6 +138,30 @@ def test_mixed_sizes_and_formats_in_a_tree(warm: Path, tmp_path: Path):
     )
 
 
+def test_real_photos_of_mixed_sizes(warm: Path, tmp_path: Path):
+    """matplotlib's sample photos (a JPEG portrait, RGBA PNGs; matplotlib is a dependency):
+    every output file, at each photo's own size."""
+    import matplotlib
+
+    samples = Path(matplotlib.get_data_path()) / "sample_data"
+    photos = tmp_path / "photos"
+    names = ["grace_hopper.jpg", "Minduka_Present_Blue_Pack.png", "logo2.png"]
+    photos.mkdir()
+    for name in names:
+        shutil.copy(samples / name, photos / name)
+    extra = ("--confidence", "--probs")
+    result = _predict(warm, tmp_path / "pred", photos, extra=extra)
+    assert result.exit_code == 0, result.output
+    for name in names:
+        stem = tmp_path / "pred" / Path(name).stem
+        width, height = Image.open(samples / name).size
+        assert _ids(Path(f"{stem}_label.png")).shape == (height, width)
+        assert Image.open(f"{stem}_color.png").size == (width, height)
+        assert Image.open(f"{stem}_overlay.jpg").size == (width, height)
+        assert Image.open(f"{stem}_confidence.png").size == (width, height)
+        assert np.load(f"{stem}_probs.npy").shape[-2:] == (height, width)
+
+
 def test_globs_mirror_the_tree_below_their_fixed_part(warm: Path, tmp_path: Path):
     write_png(tmp_path / "in" / "x" / "one.png", pattern_image(0, (8, 8)))
     write_png(tmp_path / "in" / "y" / "two.png", pattern_image(1, (8, 8)))
