@@ -355,3 +355,19 @@ def test_unimatch_fp_stream_leaves_batchnorm_running_statistics_alone(
         stats.append((student.norm.running_mean.clone(), student.norm.running_var.clone()))
     assert torch.equal(stats[0][0], stats[1][0]) and torch.equal(stats[0][1], stats[1][1])
     assert not torch.equal(stats[0][0], torch.zeros(3))  # the other forwards did update them
+
+
+def test_semi_teacher_norm_batch_reaches_the_unimatch_teacher(
+    tiny_bench: Path, init: Path, tmp_path: Path
+):
+    """The same first UniMatch step with the teacher normalising its batch by its own
+    BatchNorm statistics trains on other pseudo labels: other strong-view losses."""
+    first = {}
+    for norm in ("running", "batch"):
+        cfg = _semi(tiny_bench)
+        cfg.loop.iterations, cfg.loop.log_every = 1, 1
+        cfg.self_training.teacher_norm = norm
+        adapt.run(cfg, init, tmp_path / norm)
+        first[norm] = _log(tmp_path / norm)[0]
+    assert first["batch"]["ce_labelled"] == first["running"]["ce_labelled"]
+    assert first["batch"]["ce_strong"] != first["running"]["ce_strong"]

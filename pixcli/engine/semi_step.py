@@ -108,7 +108,7 @@ class UniMatchStep(SelfTrainingStep):
         weak = batch["image"].to(dev, non_blocking=True)
         partner_weak = partner_batch["image"].to(dev, non_blocking=True)
         n = weak.shape[0]
-        with torch.no_grad():
+        with torch.no_grad(), self._teacher_norm():
             both = self.teacher(torch.cat([weak, partner_weak]))
         ctx.unlabelled_image = weak
         ctx.unlabelled_index = batch["index"]
