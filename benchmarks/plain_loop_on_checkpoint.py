@@ -21,13 +21,13 @@ import sys
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks import plain_reference as plain  # noqa: E402
 from pixcli.data.transforms import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
+from pixcli.engine.inference import upsampled_logits  # noqa: E402
 from pixcli.models.checkpoint import segmentor_from_checkpoint  # noqa: E402
 
 
@@ -42,8 +42,7 @@ class PlainInterface(nn.Module):
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1))
 
     def forward(self, x: Tensor) -> Tensor:
-        logits = self.model((x - self.mean) / self.std).logits
-        return F.interpolate(logits, size=x.shape[-2:], mode="bilinear", align_corners=False)
+        return upsampled_logits(self.model, (x - self.mean) / self.std)
 
 
 def main() -> None:

@@ -156,14 +156,12 @@ class SelfTrainingStep:
         losses: dict[str, Tensor] = {}
         with self.runtime.autocast():
             image = self.method.student_input(ctx.labelled_image)
-            if self.fd is not None:
-                ctx.student_labelled, fd = self.fd(self.student, image, ctx.labelled_label)
-                losses["fd"] = self.cfg.feature_distance * fd
-            elif self.cfg.student_norm_from == "unlabelled" and self.unlabelled is not None:
-                with frozen_norm_statistics(self.student):
+            with self._labelled_norm():
+                if self.fd is not None:
+                    ctx.student_labelled, fd = self.fd(self.student, image, ctx.labelled_label)
+                    losses["fd"] = self.cfg.feature_distance * fd
+                else:
                     ctx.student_labelled = self.student(image)
-            else:
-                ctx.student_labelled = self.student(image)
             losses["ce_labelled"] = self.labelled_weight * self._labelled_loss(
                 full_size(ctx.student_labelled.logits, ctx.labelled_image), ctx.labelled_label
             )
@@ -204,6 +202,14 @@ class SelfTrainingStep:
                 label = label.masked_fill(~valid, IGNORE_INDEX)
             confidence = ctx.teacher_logits.float().softmax(1).amax(1)
             self.monitor.update(ctx.pseudo_label, confidence, label)
+
+    def _labelled_norm(self) -> AbstractContextManager:
+        """Around the labelled forward: with ``student_norm_from = "unlabelled"`` (and an
+        unlabelled stream to take the statistics from) it leaves BatchNorm's running
+        statistics alone."""
+        if self.cfg.student_norm_from == "unlabelled" and self.unlabelled is not None:
+            return frozen_norm_statistics(self.student)
+        return nullcontext()
 
     def _teacher_norm(self) -> AbstractContextManager:
         if self.cfg.teacher_norm == "batch":
