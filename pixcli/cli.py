@@ -392,6 +392,8 @@ def pseudolabel(
 ) -> None:
     """Soft pseudo labels, prototypes and class distribution into OUT/pseudo.h5; resumable.
 
+    Inference as eval's and predict's: the checkpoint's own settings unless an option replaces one.
+
     Example: pixcli pseudolabel --checkpoint runs/warmup/model.pt --target
     cityscapes:runs/bench/target --out runs/pseudo
     """

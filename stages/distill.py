@@ -211,7 +211,8 @@ def _round(
     pcfg = pseudolabel.PseudolabelConfig(
         target=cfg.target, split=cfg.target_split, output_stride=cfg.pseudo_output_stride,
         ignore_below=cfg.distill.threshold, num_workers=cfg.num_workers, seed=seed,
-        device=cfg.device, amp=cfg.amp, inference=cfg.pseudo_inference, reader=cfg.reader,
+        device=cfg.device, amp=cfg.amp, inference=InferenceChoice.of(cfg.pseudo_inference),
+        reader=cfg.reader,
     )  # fmt: skip
     pseudo_manifest = pseudolabel.run(pcfg, teacher, rdir / "pseudo")
     pseudo = rdir / "pseudo" / pseudolabel.FILE

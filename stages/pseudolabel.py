@@ -9,10 +9,17 @@ images or other settings is refused. Every process writes its share of the image
 computes the prototypes and builds ``pseudo.h5`` from them. When the target has labels,
 the pseudo labels' mIoU and their accuracy against confidence go into ``metrics.json``,
 ``manifest.json`` and two tables.
+
+Inference is chosen as ``pixcli eval``'s and ``pixcli predict``'s
+(:func:`pixcli.predictor.resolve_inference`): the settings the checkpoint was validated with
+(its ``eval`` section: e.g. PiXL's multi-resolution windows, a scale), each replaced by the
+one given in ``[inference]`` (``--window``, ``--stride``, ``--flip``); the settings used are
+in the file's header and the manifest's ``results.inference``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,6 +39,7 @@ from pixcli.engine.prototypes import PrototypeAccumulator, class_feature_sums, h
 from pixcli.engine.runtime import Runtime, setup_runtime, shutdown
 from pixcli.errors import Interrupted, Terminated, UserError
 from pixcli.models import Segmentor
+from pixcli.predictor import InferenceChoice, resolve_inference
 from pixcli.pseudo_labels import (
     Header,
     ImageRecord,
@@ -58,7 +66,9 @@ class PseudolabelConfig:
     seed: int = 0
     device: str = "auto"
     amp: bool = True
-    inference: InferenceConfig = field(default_factory=InferenceConfig)
+    # Inference; None keeps the checkpoint's own setting (its eval section), as pixcli eval
+    # and pixcli predict (pixcli.predictor.resolve_inference).
+    inference: InferenceChoice = field(default_factory=InferenceChoice)
     reader: ReaderConfig = field(default_factory=ReaderConfig)  # [reader]: acdc, darkzurich, folder
 
 
@@ -72,8 +82,9 @@ def run(cfg: PseudolabelConfig, checkpoint: Path, out: Path) -> dict:
         raise UserError(f"--target: {exc}") from None
     inputs = {"checkpoint": file_fingerprint(checkpoint), "target": dataset.fingerprint()}
     runtime = setup_runtime(cfg.device, cfg.amp, cfg.seed)
-    model, _ = load_model_for(checkpoint, dataset, runtime)
-    header = _header(cfg, model, inputs, dataset)
+    model, ckpt = load_model_for(checkpoint, dataset, runtime)
+    inference = resolve_inference(ckpt, **dataclasses.asdict(cfg.inference))
+    header = _header(cfg, inference, model, inputs, dataset)
     final = out / FILE
     if final.is_file():
         problem = header.mismatch(PseudoLabelFile(final).header)
@@ -84,8 +95,8 @@ def run(cfg: PseudolabelConfig, checkpoint: Path, out: Path) -> dict:
         shutdown(runtime)
         return finished
     if not final.is_file():
-        _write(cfg, model, dataset, header, out, runtime)
-    results = _results(final)
+        _write(cfg, inference, model, dataset, header, out, runtime)
+    results = {**_results(final), "inference": to_dict(inference)}
     if dataset.has_labels:
         with PseudoLabelFile(final) as labels:
             quality = evaluate_pseudo_labels(labels, dataset, runtime)
@@ -115,9 +126,13 @@ def _check(cfg: PseudolabelConfig) -> None:
 
 
 def _header(
-    cfg: PseudolabelConfig, model: Segmentor, inputs: dict[str, str], dataset: SegDataset
+    cfg: PseudolabelConfig,
+    inference: InferenceConfig,
+    model: Segmentor,
+    inputs: dict[str, str],
+    dataset: SegDataset,
 ) -> Header:
-    settings = {"inference": to_dict(cfg.inference), "ignore_below": cfg.ignore_below}
+    settings = {"inference": to_dict(inference), "ignore_below": cfg.ignore_below}
     return Header(
         classes=tuple(dataset.taxonomy.classes),
         names=tuple(name for _, _, name in dataset.items),
@@ -140,6 +155,7 @@ def _work_file(out: Path, rank: int, world: int) -> Path:
 
 def _write(
     cfg: PseudolabelConfig,
+    inference: InferenceConfig,
     model: Segmentor,
     dataset: SegDataset,
     header: Header,
@@ -153,7 +169,7 @@ def _write(
     work_file = _work_file(out, runtime.rank, world)
     writer = PseudoLabelWriter.open(work_file, header, lambda: _image_sizes(dataset))
     indices = list(range(runtime.rank, len(dataset), world))
-    _write_images(cfg, model, dataset, writer, indices, runtime)
+    _write_images(cfg, inference, model, dataset, writer, indices, runtime)
     runtime.barrier()
     if runtime.is_main:
         _finish([_work_file(out, r, world) for r in range(world)], out / FILE, header)
@@ -221,6 +237,7 @@ def _batches(indices: list[int], sizes: np.ndarray, batch_size: int) -> list[lis
 
 def _write_images(
     cfg: PseudolabelConfig,
+    inference: InferenceConfig,
     model: Segmentor,
     dataset: SegDataset,
     writer: PseudoLabelWriter,
@@ -246,7 +263,7 @@ def _write_images(
             for batch, x in batches:
                 grid = grid_size(tuple(writer.image_sizes[batch[0]]), writer.header.output_stride)
                 with runtime.autocast():
-                    pred = predict_on_grid(model, x.to(runtime.device), cfg.inference, grid)
+                    pred = predict_on_grid(model, x.to(runtime.device), inference, grid)
                 probs = pred.logits.softmax(dim=1)
                 for k, i in enumerate(batch):
                     if not writer.done[i]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import subprocess
 import sys
@@ -13,17 +14,19 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from test_pseudo_labels import assert_same_content
+from test_pseudo_labels import assert_same_content, contents
 from typer.testing import CliRunner
 
 from pixcli.artifacts import finished_manifest, read_json, save_checkpoint
 from pixcli.cli import app
+from pixcli.config import to_dict
 from pixcli.data.readers import open_dataset
 from pixcli.data.taxonomy import CITYSCAPES
 from pixcli.data.transforms import normalize
 from pixcli.engine.trainer import Interrupted
 from pixcli.errors import UserError
 from pixcli.models import SegmentorConfig, build_segmentor
+from pixcli.predictor import resolve_inference
 from pixcli.pseudo_labels import PseudoLabelFile, PseudoLabelWriter
 from stages import pseudolabel
 
@@ -207,6 +210,38 @@ def test_sliding_window_flip_and_output_stride(tiny_bench: Path, ckpt: Path, tmp
     labels = PseudoLabelFile(tmp_path / "pseudo.h5")
     assert len(labels) == 3 and labels.soft(0).shape == (19, 4, 8)
     assert labels.soft_resized(0).shape == (19, 32, 64)
+
+
+def test_inference_defaults_to_the_checkpoints_own_settings(
+    tiny_bench: Path, ckpt: Path, tmp_path: Path
+):
+    """As eval and predict: with no option, the settings the checkpoint was validated with
+    (resolve_inference); an option replaces one of them; the labels come from those settings."""
+    data = torch.load(ckpt, weights_only=True)
+    own = {"window": [32, 32], "stride": [32, 16], "flip": True}
+    data["meta"] = {"config": {"eval": own}}
+    validated = tmp_path / "validated.pt"
+    save_checkpoint(validated, data)
+    pseudolabel.run(_config(tiny_bench, split="val"), validated, tmp_path / "own")
+    header = PseudoLabelFile(tmp_path / "own" / "pseudo.h5").header
+    used = json.loads(header.settings)["inference"]
+    assert used == to_dict(resolve_inference(data)) and {k: used[k] for k in own} == own
+    assert read_json(tmp_path / "own" / "manifest.json")["results"]["inference"] == used
+    spelt_out = _config(tiny_bench, split="val")
+    spelt_out.inference.window, spelt_out.inference.stride = (32, 32), (32, 16)
+    spelt_out.inference.flip = True
+    pseudolabel.run(spelt_out, ckpt, tmp_path / "spelt-out")  # the same, chosen on the plain one
+    mine, spelt = (
+        contents(tmp_path / "own" / "pseudo.h5"),
+        contents(tmp_path / "spelt-out" / "pseudo.h5"),
+    )
+    datasets = [k for k in mine if not k.startswith("@")]  # attributes: the checkpoint's name
+    assert datasets and all(np.array_equal(mine[k], spelt[k]) for k in datasets)
+    no_flip = _config(tiny_bench, split="val")
+    no_flip.inference.flip = False
+    pseudolabel.run(no_flip, validated, tmp_path / "no-flip")
+    chosen = read_json(tmp_path / "no-flip" / "manifest.json")["results"]["inference"]
+    assert chosen == {**used, "flip": False}
 
 
 def test_command_line_and_show(clean: Path, tiny_bench: Path, ckpt: Path, tmp_path: Path):
