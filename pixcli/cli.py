@@ -131,7 +131,10 @@ def make_benchmark(
     n_target_val: Annotated[int | None, typer.Option(help="Target val images.")] = None,
     style: Annotated[
         str | None,
-        typer.Option(help="street (the default: synthetic -> real) or dusk (pastel -> hazy dusk)."),
+        typer.Option(
+            help="street (the default: synthetic -> real), dusk (pastel -> hazy dusk) or varied"
+            " (the target draws one of five scene types per image: the semi benchmark)."
+        ),
     ] = None,
 ) -> None:
     """Draw the built-in synthetic-to-real street-scene benchmark.

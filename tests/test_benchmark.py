@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pixcli.data.benchmark import BenchmarkConfig, make_benchmark
+from pixcli.data.benchmark import BenchmarkConfig, make_benchmark, make_sample, pick_domain
+from pixcli.data.benchmark_styles import STYLES
 from pixcli.data.taxonomy import CITYSCAPES_CLASSES, CITYSCAPES_LABELID_TO_TRAINID
 from pixcli.errors import UserError
 
@@ -18,6 +19,8 @@ TINY = BenchmarkConfig(seed=1, width=64, height=32, n_source=5, n_target_train=4
 # Default image size, few images: enough to see every class and the domain statistics.
 SMALL = BenchmarkConfig(seed=0, n_source=12, n_target_train=12, n_target_val=4)
 IGNORE_LABELIDS = {0, 1, 2, 3, 4, 5, 6, 9, 10, 14, 15, 16, 18, 29, 30}
+_TRAINID = np.full(256, 255, dtype=np.uint8)
+_TRAINID[list(CITYSCAPES_LABELID_TO_TRAINID)] = list(CITYSCAPES_LABELID_TO_TRAINID.values())
 CITYSCAPES_NAME = re.compile(r"^(?P<city>[a-z]+)_\d{6}_\d{6}_leftImg8bit\.png$")
 
 
@@ -180,5 +183,46 @@ def test_dusk_style_is_a_darker_hazier_other_benchmark(tmp_path: Path):
     a, b = target_pixels(street), target_pixels(dusk)
     assert b.mean() < a.mean() - 15  # dusk light
     assert b.std() < a.std()  # haze lowers the contrast
-    with pytest.raises(UserError, match="--style noon: expected one of street, dusk"):
+    with pytest.raises(UserError, match="--style noon: expected one of street, dusk, varied$"):
         make_benchmark(tmp_path / "x", BenchmarkConfig(**{**TINY.__dict__, "style": "noon"}))
+
+
+def test_varied_style_draws_five_scene_types_that_differ_in_layout_and_colour(tmp_path: Path):
+    cfg = BenchmarkConfig(seed=0, width=128, height=64, n_source=1, n_target_train=40,
+                          n_target_val=10, style="varied")  # fmt: skip
+    meta = make_benchmark(tmp_path, cfg)
+    types = {"avenue", "downtown", "park", "highway", "night"}
+    assert set(meta["scene_types"]["train"]) == types
+    assert sum(meta["scene_types"]["train"].values()) == 40
+    assert meta["scene_types"]["source"] == {"synthetic": 1}
+    # per scene type: class pixel shares and the mean colour of vegetation, from the samples
+    _, target = STYLES["varied"]
+    share: dict[str, list[np.ndarray]] = {t: [] for t in types}
+    green: dict[str, list[np.ndarray]] = {t: [] for t in types}
+    for i in range(60):
+        image, labels, name = make_sample(cfg, target, 1, i)
+        train = _TRAINID[labels]
+        share[name].append(np.bincount(train.ravel(), minlength=256)[:19] / train.size)
+        green[name].append(image[train == 8].reshape(-1, 3))
+    frac = {t: np.mean(v, axis=0) for t, v in share.items()}
+    sidewalk, building, vegetation, terrain, sky, person, car = 1, 2, 8, 9, 10, 11, 13
+    assert frac["highway"][car] > 2 * frac["park"][car]  # many cars on a wide road
+    assert frac["highway"][sky] > 2 * frac["downtown"][sky]  # a low horizon, low facades
+    assert frac["downtown"][building] > 2 * frac["highway"][building]
+    assert frac["downtown"][person] > 2 * frac["highway"][person]
+    assert frac["park"][vegetation] + frac["park"][terrain] > 2 * frac["downtown"][vegetation]
+    # the same class in another colour: autumn trees in the park, dark nights
+    veg = {t: np.concatenate(v).mean(0) for t, v in green.items()}
+    assert veg["park"][0] > veg["avenue"][0] + 30  # red-brown leaves against green
+    assert veg["night"].mean() < veg["avenue"].mean() - 20
+    assert sidewalk in np.flatnonzero(frac["highway"])
+
+
+def test_a_single_domain_draws_nothing_from_the_stream():
+    street, _ = STYLES["street"]
+    rng = np.random.default_rng(3)
+    assert pick_domain(street, rng) is street
+    assert rng.random() == np.random.default_rng(3).random()  # street's bytes are unchanged
+    _, varied = STYLES["varied"]
+    picked = {pick_domain(varied, rng).name for _ in range(50)}
+    assert picked == {"avenue", "downtown", "park", "highway", "night"}

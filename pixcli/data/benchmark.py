@@ -13,8 +13,9 @@ Both domains share the scene grammar (road to a vanishing point, sidewalks, faca
 poles with signs and lights, persons, cars), so shape and layout cues transfer while colour
 and texture cues do not. Every image has its own random stream derived from
 ``(seed, domain, index)``: files are byte-identical for a seed. The domains' settings (and
-the second style, ``--style dusk``) live in :mod:`pixcli.data.benchmark_styles`; this module
-draws, renders and writes the scenes.
+the second style, ``--style dusk``, and the label-limited ``--style varied``, whose target
+images each draw one of five scene types) live in :mod:`pixcli.data.benchmark_styles`; this
+module draws, renders and writes the scenes.
 """
 
 from __future__ import annotations
@@ -356,14 +357,23 @@ def render(s: _Scene, look: Appearance, rng: np.random.Generator) -> np.ndarray:
     return np.clip(img, 0, 255).astype(np.uint8)
 
 
+def pick_domain(domain: Domain | tuple[Domain, ...], rng: np.random.Generator) -> Domain:
+    """``domain`` itself, or one of a tuple of scene types drawn at random (``--style
+    varied``); a single domain draws nothing, so its images stay byte-identical."""
+    if isinstance(domain, Domain):
+        return domain
+    return domain[int(rng.integers(len(domain)))]
+
+
 def make_sample(
-    cfg: BenchmarkConfig, domain: Domain, domain_index: int, index: int
-) -> tuple[np.ndarray, np.ndarray]:
-    """One image (H, W, 3 uint8) and its Cityscapes labelIds (H, W uint8)."""
+    cfg: BenchmarkConfig, domain: Domain | tuple[Domain, ...], domain_index: int, index: int
+) -> tuple[np.ndarray, np.ndarray, str]:
+    """One image (H, W, 3 uint8), its Cityscapes labelIds (H, W uint8) and its domain's name."""
     rng = _rng_for(cfg.seed, domain_index, index)
-    scene = draw_scene(cfg.width, cfg.height, domain, rng)
-    image = render(scene, domain.appearance, rng)
-    return image, _TO_LABELID[np.asarray(scene.label)]
+    chosen = pick_domain(domain, rng)
+    scene = draw_scene(cfg.width, cfg.height, chosen, rng)
+    image = render(scene, chosen.appearance, rng)
+    return image, _TO_LABELID[np.asarray(scene.label)], chosen.name
 
 
 # Train id -> labelId for writing (the ego-vehicle hood is drawn as IGNORE_INDEX), and back.
@@ -430,9 +440,14 @@ def make_benchmark(
     meta_path.write_text(json.dumps(meta, indent=2) + "\n")
     jobs = _jobs(out, cfg)
     counts = {split: np.zeros(256, dtype=np.int64) for split in ("source", "train", "val")}
+    scene_types: dict[str, dict[str, int]] = {}  # images per split and domain (scene type)
     for done, (split, index, image_path, label_path) in enumerate(jobs, 1):
         domain = source_domain if split == "source" else target_domain
-        image, labels = make_sample(cfg, domain, ("source", "train", "val").index(split), index)
+        image, labels, name = make_sample(
+            cfg, domain, ("source", "train", "val").index(split), index
+        )
+        scene_types.setdefault(split, {}).setdefault(name, 0)
+        scene_types[split][name] += 1
         counts[split] += np.bincount(_TO_TRAINID[labels].ravel(), minlength=256)
         for path, array in ((image_path, image), (label_path, labels)):
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -453,6 +468,7 @@ def make_benchmark(
         classes=[CITYSCAPES_CLASSES[i] for i in present],
         train_ids=present,
         pixel_fractions=fractions,
+        scene_types={k: dict(sorted(v.items())) for k, v in scene_types.items()},
         specs={"source": f"gta5:{out / 'source'}", "target": f"cityscapes:{out / 'target'}"},
     )
     meta_path.write_text(json.dumps(meta, indent=2) + "\n")
