@@ -33,6 +33,7 @@ SCRIPTS = {
     "cpsl": HERE / "cpsl_bench.py",
     "methods": HERE / "methods_bench.py",
     "predict": HERE / "predict_bench.py",
+    "model_speed": HERE / "model_speed.py",
 }
 
 

@@ -80,6 +80,22 @@ def test_head_kwargs_reach_the_head() -> None:
     assert restored.head_kwargs == {"max_stride": 8}
 
 
+def test_hypercolumn_stage_dim_projects_each_stage_before_the_fusion() -> None:
+    plain = build_segmentor(tiny_config(head="hypercolumn"))
+    projected = build_segmentor(tiny_config(head="hypercolumn", head_kwargs={"stage_dim": 8}))
+    stages = len(projected.decoder.in_indices)
+    # the fusion's 3x3 conv takes stage_dim channels per stage, not the backbone's widths
+    assert projected.decoder.fuse[0].in_channels == 8 * stages
+    widths = [plain.backbone.channels[i] for i in plain.decoder.in_indices]
+    assert plain.decoder.fuse[0].in_channels == sum(widths)
+    x = torch.randn(2, 3, 64, 64)
+    assert projected(x).logits.shape == plain(x).logits.shape
+    # stage_dim = 0 adds no parameters: checkpoints made before the option load unchanged
+    assert not any(k.startswith("decoder.project") for k in plain.state_dict())
+    with pytest.raises(ValueError, match=r"stage_dim must be >= 0 \(0: no projection\), got -1"):
+        build_segmentor(tiny_config(head="hypercolumn", head_kwargs={"stage_dim": -1}))
+
+
 def test_nhwc_backbone_features_become_nchw() -> None:
     """timm's MambaOut and Swin return NHWC feature maps; the heads get NCHW."""
     model = build_segmentor(tiny_config(backbone="test_mambaout", head="deeplabv2"))

@@ -33,7 +33,8 @@ class SegmentorConfig:
         backbone_kwargs: more ``timm.create_model`` arguments (``drop_path_rate = 0.1``;
             ``depth``/``embed_dim``/``num_heads`` for a smaller model of a family).
         head_kwargs: more arguments of the head (``image_pool = false`` for DeepLabV3+,
-            ``max_stride = 16`` for hypercolumns; see :mod:`pixcli.models.heads`).
+            ``max_stride = 16`` or ``stage_dim = 64`` for hypercolumns; see
+            :mod:`pixcli.models.heads`).
         feature_dim: channels D of the decoder pixel features.
         proj_dim: size of the projection head (PGPC/PiXL: 256); None = no projection head.
         dropout: channel dropout before the classifier.
