@@ -1,0 +1,64 @@
+"""benchmarks/semi_quality.py: its tables from a work directory of finished runs (no training:
+the runs' metrics.json written by hand), and its option parsing."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the checkout's benchmarks/
+from benchmarks import semi_quality  # noqa: E402
+
+
+def _metrics(path: Path, miou: float, road: float | None) -> None:
+    path.mkdir(parents=True)
+    per_class = {"road": {"IoU": road}, "sky": {"IoU": 50.0}}
+    (path / "metrics.json").write_text(json.dumps({"mIoU": miou, "per_class": per_class}))
+
+
+@pytest.fixture
+def study(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> semi_quality.SemiStudy:
+    monkeypatch.setattr(sys, "argv", ["semi_quality.py", "--work", str(tmp_path), "--seeds", "2",
+                                      "--models", "none", "--table-only"])  # fmt: skip
+    return semi_quality.SemiStudy(semi_quality.arguments())
+
+
+def test_split_table_gap_share_per_seed_and_mean_std(study: semi_quality.SemiStudy, tmp_path):
+    # seed 0: labelled 30, upper 40, UniMatch 34 -> 40 %; seed 1: 32, 40, 38 -> 75 %
+    for seed, (lab, none, upper) in enumerate(((30.0, 34.0, 40.0), (32.0, 38.0, 40.0))):
+        d = tmp_path / f"seed{seed}"
+        _metrics(d / "eval-1_30-labelled-only", lab, 60.0)
+        _metrics(d / "eval-1_30-none", none, 70.0 + seed)
+        _metrics(d / "eval-1_30-all-labelled", upper, None)
+    columns, rows, raw = semi_quality.split_table(study, 0.0333)
+    assert columns == ["model", "seeds", "mIoU", "gap closed %", "road", "sky"]
+    assert rows[1] == ["none", "2", "36.0 ± 2.8", "57.5 ± 24.7", "70.5", "50.0"]
+    assert rows[0][3] == "0.0 ± 0.0" and rows[2][3] == "100.0 ± 0.0"
+    assert rows[2][4] == "-"  # a class without an IoU in a run
+    assert raw["none"]["gap_share"] == [40.0, 75.0]
+
+
+def test_curve_rows_and_the_splits_it_picks(study: semi_quality.SemiStudy, tmp_path):
+    d = tmp_path / "seed0"
+    for name, miou in (("1_30", 30.0), ("1_16", 36.5), ("1_8", 38.0), ("1_1", 42.0)):
+        _metrics(d / f"eval-warmup-{name}", miou, 1.0)
+    (d / "warmup-1_30").mkdir()
+    (d / "warmup-1_30" / "labelled.txt").write_text("a\nb\n")
+    rows = semi_quality.curve_rows(study)
+    assert [r[0] for r in rows] == ["1/30", "1/16", "1/8"]
+    assert rows[0][1:] == [2, 30.0, 42.0, 12.0] and rows[1][1] == "-"
+    assert study.splits() == [0.0333]  # 1/16's gap is 5.5, under --min-gap 6
+
+
+def test_split_names_and_variants():
+    assert [semi_quality.split_name(f) for f in (0.0333, 0.0625, 0.125, 1.0)] == [
+        "1_30", "1_16", "1_8", "1_1"]  # fmt: skip
+    variants = semi_quality.parse_variants(["ipix-a1:ipixmatch:ipixmatch.alpha=1,ipixmatch.tau=0.9",
+                                            "plain:none"])  # fmt: skip
+    assert variants == {
+        "ipix-a1": ("ipixmatch", ["--set", "ipixmatch.alpha=1", "--set", "ipixmatch.tau=0.9"]),
+        "plain": ("none", []),
+    }
