@@ -39,8 +39,9 @@ from pixcli.losses.pixl import (
     thing_mask,
 )
 from pixcli.methods import METHODS, Method, MethodSetup, StepContext
-from pixcli.methods.pixl import PiXL, crop_windows
+from pixcli.methods.pixl import FeatureMap, PiXL, crop_windows, pixel_set
 from pixcli.models import SegmentorConfig, build_segmentor
+from pixcli.models.segmentor import SegOutput
 from stages import adapt, warmup
 
 # ------------------------------------------------------------------ entropy and partition
@@ -165,6 +166,33 @@ def test_drift_pixel_contrast_infonce_by_hand():
     ]
     loss = drift_pixel_contrast(features, labels, prototypes, all_present, tau)
     assert loss.item() == pytest.approx(sum(per_pixel) / 3, rel=1e-6)
+
+
+def test_drift_pixel_contrast_weights_scale_each_pixel_term():
+    tau = 0.5
+    features = torch.tensor([[2.0, 0.0], [0.0, 3.0], [1.0, 1.0]])
+    prototypes = torch.tensor([[1.0, 0.0], [0.0, 2.0], [5.0, 5.0]])
+    present = torch.tensor([True, True, False])
+    labels = torch.tensor([0, 1, 2])
+    one = -math.log(math.exp(1 / tau) / (math.exp(1 / tau) + 1.0))
+    # pixel 2 (no prototype) is left out with its weight; mean of w * loss over pixels 0, 1
+    weights = torch.tensor([1.0, 0.25, 9.0])
+    loss = drift_pixel_contrast(features, labels, prototypes, present, tau, weights)
+    assert loss.item() == pytest.approx((1.0 + 0.25) * one / 2, rel=1e-6)
+    ones = drift_pixel_contrast(features, labels, prototypes, present, tau, torch.ones(3))
+    assert ones.item() == pytest.approx(drift_pixel_contrast(
+        features, labels, prototypes, present, tau).item(), rel=1e-6)  # fmt: skip
+
+
+def test_pixel_set_carries_each_pixels_weight_and_drops_ignored_pixels():
+    # a 2x2 output grid from 4x4 labels: nearest-neighbour picks the top-left of each block
+    label = torch.tensor([[[0, 0, 1, 1], [0, 0, 1, 1], [255, 255, 2, 2], [255, 255, 2, 2]]])
+    weight = torch.full((1, 4, 4), 0.3)
+    out = SegOutput(logits=torch.zeros(1, 3, 2, 2), features=torch.randn(1, 5, 2, 2))
+    pixels = pixel_set([FeatureMap(out, label, weight, torch.tensor([0]), high=False)], False)
+    assert pixels.labels.tolist() == [0, 1, 2]
+    assert pixels.weights.tolist() == pytest.approx([0.3, 0.3, 0.3])
+    assert pixels.features.shape == (3, 5)
 
 
 def test_prototypes_get_no_gradient_and_drift_pixels_do():

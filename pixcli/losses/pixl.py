@@ -63,6 +63,11 @@ class PiXLConfig:
     tau: float = 0.5
     apg: bool = True  # adaptive prototype generation, Eq. 8 (Table 4)
     dpa: bool = True  # drift pixel alignment, Eq. 6-7 (Table 4)
+    # pixcli's option, off in the paper (Eq. 7 is a plain mean over the drift pixels): weight
+    # each drift pixel's L_DPA term by its cross-entropy weight w_t (Eq. 10-11: 1 with a label,
+    # the image's confident share with a pseudo label). The drift pixels are the
+    # highest-entropy ones, where the teacher's pseudo labels are least often right.
+    dpa_pseudo_weight: bool = False
     # Pixel features: the decoder's (A.2: the ASPP/fusion output the classifier reads) or,
     # when True, a projection head of proj_dim (the checkpoint's, or a new one).
     use_projection: bool = False
@@ -242,7 +247,12 @@ def adaptive_prototypes(
 
 
 def drift_pixel_contrast(
-    features: Tensor, labels: Tensor, prototypes: Tensor, present: Tensor, tau: float = 0.5
+    features: Tensor,
+    labels: Tensor,
+    prototypes: Tensor,
+    present: Tensor,
+    tau: float = 0.5,
+    weights: Tensor | None = None,
 ) -> Tensor:
     """Drift pixel asymmetric contrast, L_DPA (Eq. 6-7).
 
@@ -261,6 +271,8 @@ def drift_pixel_contrast(
         labels: ``(M,)`` their classes.
         prototypes: ``(C, D)`` local prototypes; ``present``: ``(C,)`` bool.
         tau: temperature.
+        weights: ``(M,)`` per-pixel weights (``dpa_pseudo_weight``); the loss is then the mean
+            of ``weight * InfoNCE`` over the kept pixels. None: every weight 1 (Eq. 7).
 
     Returns:
         The mean loss; 0 (still attached to ``features``) when no drift pixel is left.
@@ -271,4 +283,7 @@ def drift_pixel_contrast(
     z = F.normalize(features[keep].float(), dim=1)
     p = F.normalize(prototypes.detach().float(), dim=1)
     logits = (z @ p.T / tau).masked_fill(~present, float("-inf"))
-    return F.cross_entropy(logits, labels[keep].long())
+    if weights is None:
+        return F.cross_entropy(logits, labels[keep].long())
+    per_pixel = F.cross_entropy(logits, labels[keep].long(), reduction="none")
+    return (weights[keep].float() * per_pixel).mean()

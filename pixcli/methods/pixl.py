@@ -78,10 +78,11 @@ class View:
 @dataclass
 class PixelSet:
     """Valid pixels of several feature maps, flattened: features (with gradient), labels,
-    entropies, image index and resolution (0 low, 1 high)."""
+    cross-entropy weights, entropies, image index and resolution (0 low, 1 high)."""
 
     features: Tensor
     labels: Tensor
+    weights: Tensor
     entropy: Tensor
     image: Tensor
     high: Tensor
@@ -89,18 +90,19 @@ class PixelSet:
 
 @dataclass
 class FeatureMap:
-    """One student output to draw pixels from: its labels at input resolution, the index of
-    each of its images in the step, and its resolution."""
+    """One student output to draw pixels from: its labels and their cross-entropy weights at
+    input resolution, the index of each of its images in the step, and its resolution."""
 
     output: SegOutput
     label: Tensor  # (B, H, W)
+    weight: Tensor  # (B, H, W) 1 with a label, Eq. 11's share with a pseudo label
     image: Tensor  # (B,) image indices; X^L and X^H of one image share it
     high: bool
 
 
 def pixel_set(maps: list[FeatureMap], use_projection: bool) -> PixelSet:
-    """The valid pixels of ``maps`` on their output grids, flattened (labels nearest-neighbour
-    downsampled to the grid; ignored pixels dropped)."""
+    """The valid pixels of ``maps`` on their output grids, flattened (labels and weights
+    nearest-neighbour downsampled to the grid; ignored pixels dropped)."""
     parts: list[tuple[Tensor, ...]] = []
     for m in maps:
         feats = m.output.proj if use_projection else m.output.features
@@ -108,18 +110,20 @@ def pixel_set(maps: list[FeatureMap], use_projection: bool) -> PixelSet:
             raise UserError("pixl.use_projection needs a model with a projection head (proj_dim)")
         _, d, h, w = feats.shape
         lab = F.interpolate(m.label[:, None].float(), size=(h, w), mode="nearest")[:, 0].long()
+        wgt = F.interpolate(m.weight[:, None].float(), size=(h, w), mode="nearest")[:, 0]
         parts.append(
             (
                 feats.permute(0, 2, 3, 1).reshape(-1, d),
                 lab.reshape(-1),
+                wgt.reshape(-1),
                 pixel_entropy(m.output.logits).reshape(-1),
                 m.image.to(feats.device).repeat_interleave(h * w),
                 torch.full((lab.numel(),), m.high, device=feats.device),
             )
         )
-    f, y, e, i, r = (torch.cat(x) for x in zip(*parts, strict=True))
+    f, y, wt, e, i, r = (torch.cat(x) for x in zip(*parts, strict=True))
     valid = y != IGNORE_INDEX
-    return PixelSet(f[valid], y[valid], e[valid], i[valid], r[valid])
+    return PixelSet(f[valid], y[valid], wt[valid], e[valid], i[valid], r[valid])
 
 
 def crop_windows(x: Tensor, boxes: list[tuple[int, int]], size: tuple[int, int]) -> Tensor:
@@ -181,8 +185,8 @@ class PiXL(Method):
                 high = ctx.student(image)
             logits = resize_map(high.logits.float(), window)  # up to X^H's own size
             ce = ce + weighted_cross_entropy(logits, label, weight)
-            maps.append(FeatureMap(view.low, view.label, ids, high=False))
-            maps.append(FeatureMap(high, label, ids, high=True))
+            maps.append(FeatureMap(view.low, view.label, view.weight, ids, high=False))
+            maps.append(FeatureMap(high, label, weight, ids, high=True))
         out = {"ce_high": cfg.lambda_h * ce}
         if fd is not None:
             out["fd"] = cfg.lambda_fd * fd
@@ -224,8 +228,9 @@ class PiXL(Method):
         ctx.extras["eta"] = eta
         ctx.extras["drift_fraction"] = float(drift.float().mean()) if drift.numel() else 0.0
         ctx.extras["prototypes"] = float(present.sum())
+        weights = pixels.weights[drift] if cfg.dpa_pseudo_weight else None
         return drift_pixel_contrast(
-            pixels.features[drift], pixels.labels[drift], prototypes, present, cfg.tau
+            pixels.features[drift], pixels.labels[drift], prototypes, present, cfg.tau, weights
         )
 
     def _fd_enabled(self, ctx: StepContext) -> bool:
