@@ -13,7 +13,7 @@ The benchmark is ``pixcli make-benchmark --style varied --size 128x64`` (its tar
 scene types per image, small objects). Each run is an ordinary ``pixcli`` command writing
 into ``--work`` (one at a time, one thread), so an interrupted study resumes and a finished one
 only prints its tables. Phase 1, the curve (seed 0): ``pixcli warmup`` on 1/30, 1/16, 1/8 of
-the target's train images and on all of them (``examples/demo.toml``, 64x64 crops). Phase 2,
+the target's train images and on all of them (``examples/semi_varied_warmup.toml``). Phase 2,
 at each split whose curve gap is >= ``--min-gap`` (or the ``--splits`` given), from that
 split's warm-up (seed 0) and its ``labelled.txt``, per seed: ``adapt --setting supervised``
 on the labelled images (labelled-only) and on all of them (the upper bound), and ``adapt
@@ -38,7 +38,7 @@ from benchmarks.methods_quality import EXAMPLES, PIXCLI, ROOT, Study, mean_std  
 
 FRACTIONS = (0.0333, 0.0625, 0.125)  # 1/30, 1/16, 1/8 (10, 19 and 38 of 300 images)
 RECIPE = EXAMPLES / "semi_varied.toml"
-CROP = ("--set", "augment.crop_size=[64,64]")  # the warm-up's: demo.toml with 64x64 crops
+WARMUP_RECIPE = EXAMPLES / "semi_varied_warmup.toml"
 LABELLED_ONLY, UPPER = "labelled-only", "all labelled"
 
 
@@ -53,7 +53,7 @@ def arguments() -> argparse.Namespace:
     p.add_argument("--variant", action="append", default=[],
                    help="NAME:METHOD:key=value,key=value, a model of --models")  # fmt: skip
     p.add_argument("--table-only", action="store_true", help="print what --work holds; run nothing")
-    p.add_argument("--warmup-iterations", type=int, default=300)
+    p.add_argument("--warmup-iterations", type=int, default=None, help="default: the recipe's")
     p.add_argument("--adapt-iterations", type=int, default=None, help="default: the recipe's")
     p.add_argument("--work", type=Path, default=None, help="default: runs/semi-quality-SEED")
     p.add_argument("--quick", action="store_true", help="tiny benchmark and budgets")
@@ -84,6 +84,7 @@ class SemiStudy(Study):
 
     def __init__(self, a: argparse.Namespace) -> None:
         super().__init__(a)
+        self.warm_it = a.warmup_iterations or _iterations(WARMUP_RECIPE)
         self.adapt_it = a.adapt_iterations or _iterations(RECIPE)
         self.models = [m for m in a.models.split(",") if m]
         self.variants = parse_variants(a.variant)
@@ -99,9 +100,14 @@ class SemiStudy(Study):
         self.run(cmd, self.work / "make-benchmark.log")
 
     def curve(self) -> None:
+        """``pixcli warmup`` (seed 0) on each fraction of the target and on all of it."""
         for fraction in (*FRACTIONS, 1.0):
-            extra = ("--labeled-fraction", str(fraction), *CROP)
-            self.warmup(0, f"warmup-{split_name(fraction)}", self.target, extra)
+            out = self.seed_dir(0) / f"warmup-{split_name(fraction)}"
+            cmd = [*PIXCLI, "warmup", "--config", str(WARMUP_RECIPE), "--source", self.target,
+                   "--labeled-fraction", str(fraction), "--iterations", str(self.warm_it),
+                   "--out", str(out)]  # fmt: skip
+            self.run([*cmd, *self.common], out.with_suffix(".log"))
+            self.evaluate(out / "model.pt", self.seed_dir(0) / f"eval-{out.name}")
 
     def adapt_run(self, seed: int, split: float, name: str) -> None:
         """One adaptation from ``split``'s warm-up: ``name`` is labelled-only, all labelled, a
