@@ -35,7 +35,12 @@ def demo_warmup() -> warmup.WarmupConfig:
     return warmup.WarmupConfig(
         batch_size=8,
         num_workers=1,
-        model=SegmentorConfig(backbone="resnet18", head="hypercolumn", output_stride=16),
+        model=SegmentorConfig(
+            backbone="resnet18",
+            head="hypercolumn",
+            output_stride=16,
+            head_kwargs={"stage_dim": 64},
+        ),
         optim=OptimConfig(name="adamw", lr=1e-3, head_lr_mult=1.0, weight_decay=0.01),
         loop=LoopConfig(iterations=250, log_every=20, eval_every=0, checkpoint_every=100),
         augment=AugmentConfig(
