@@ -92,6 +92,19 @@ def checkpoint_palette(ckpt: dict) -> np.ndarray:
     return np.asarray(default_palette(len(classes)), dtype=np.uint8)
 
 
+def class_ids(logits: torch.Tensor) -> np.ndarray:
+    """The most likely class of every pixel of ``(..., C, H, W)`` logits, ``(..., H, W)
+    uint8`` (the first one on ties, as ``argmax``). ``max(dim).indices`` gives the same ids
+    as ``argmax(dim)`` and is several times faster on the CPU over the class dimension."""
+    return logits.max(dim=-3).indices.to(torch.uint8).cpu().numpy()
+
+
+def blend(rgb: np.ndarray, colors: np.ndarray, alpha: float) -> np.ndarray:
+    """``(1 - alpha) rgb + alpha colors``, rounded, as ``(H, W, 3) uint8``."""
+    blended = (1.0 - alpha) * rgb.astype(np.float32) + alpha * colors.astype(np.float32)
+    return np.clip(np.rint(blended), 0, 255).astype(np.uint8)
+
+
 class Predictor:
     """A segmentation model ready to predict images (make one with :func:`load`).
 
@@ -142,7 +155,7 @@ class Predictor:
 
     def predict(self, image: ImageLike) -> np.ndarray:
         """The class id of every pixel, ``(H, W) uint8``."""
-        return self.logits([self.as_rgb(image)]).argmax(1)[0].to(torch.uint8).cpu().numpy()
+        return class_ids(self.logits([self.as_rgb(image)]))[0]
 
     def predict_proba(self, image: ImageLike) -> np.ndarray:
         """Class probabilities ``(C, H, W) float32`` (softmax of the logits; sums to 1)."""
@@ -162,9 +175,7 @@ class Predictor:
     def overlay(self, image: ImageLike, mask: np.ndarray, alpha: float = 0.5) -> np.ndarray:
         """The image blended with the colours of ``mask``: ``(1 - alpha) image + alpha
         colours``, ``(H, W, 3) uint8``."""
-        rgb = self.as_rgb(image).astype(np.float32)
-        blended = (1.0 - alpha) * rgb + alpha * self.colorize(mask).astype(np.float32)
-        return np.clip(np.rint(blended), 0, 255).astype(np.uint8)
+        return blend(self.as_rgb(image), self.colorize(mask), alpha)
 
     @staticmethod
     def as_rgb(image: ImageLike) -> np.ndarray:

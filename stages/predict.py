@@ -43,7 +43,7 @@ from pixcli.data.image_files import ImageFile, find_images, read_image
 from pixcli.engine.progress import console, make_progress
 from pixcli.engine.runtime import Runtime, setup_runtime, shutdown
 from pixcli.errors import UserError
-from pixcli.predictor import InferenceChoice, Predictor
+from pixcli.predictor import InferenceChoice, Predictor, blend, class_ids
 from stages.common import Timer
 
 STAGE = "predict"
@@ -95,25 +95,40 @@ def _save_npy(path: Path, array: np.ndarray) -> None:
     atomic_write(path, write)
 
 
+def image_arrays(logits: torch.Tensor, cfg: PredictConfig) -> list[dict[str, np.ndarray]]:
+    """Per image of a batch of logits ``(B, C, H, W)``: its class ids (``label``, ``(H, W)
+    uint8``) and, when asked for, ``confidence`` (``(H, W) uint8``) and ``probs`` (``(C, H,
+    W) float16``). Computed on the model's thread (torch's threads), so that the writing
+    threads run no torch operations of their own."""
+    arrays: list[dict[str, np.ndarray]] = [{"label": ids} for ids in class_ids(logits)]
+    if cfg.confidence or cfg.probs:
+        probs = logits.softmax(1)
+        if cfg.confidence:
+            conf = probs.max(1).values.mul(255).round().to(torch.uint8).cpu().numpy()
+            for item, c in zip(arrays, conf, strict=True):
+                item["confidence"] = c
+        if cfg.probs:
+            for item, p in zip(arrays, probs.to(torch.float16).cpu().numpy(), strict=True):
+                item["probs"] = p
+    return arrays
+
+
 def write_outputs(
     predictor: Predictor,
     image: np.ndarray,
-    logits: torch.Tensor,
+    arrays: dict[str, np.ndarray],
     paths: dict[str, Path],
     alpha: float,
 ) -> None:
-    """Write one image's files from its logits ``(C, H, W)``; the label file last."""
-    mask = logits.argmax(0).to(torch.uint8).cpu().numpy()
-    if "confidence" in paths or "probs" in paths:
-        probs = logits.softmax(0)
-        if "confidence" in paths:
-            conf = probs.max(0).values.mul(255).round().to(torch.uint8).cpu().numpy()
-            _save_image(paths["confidence"], conf)
-        if "probs" in paths:
-            _save_npy(paths["probs"], probs.to(torch.float16).cpu().numpy())
-    _save_image(paths["color"], predictor.colorize(mask))
-    _save_image(paths["overlay"], predictor.overlay(image, mask, alpha), quality=90)
-    save_label_png(paths["label"], mask, predictor.palette_table())
+    """Write one image's files from its :func:`image_arrays`; the label file last."""
+    if "confidence" in paths:
+        _save_image(paths["confidence"], arrays["confidence"])
+    if "probs" in paths:
+        _save_npy(paths["probs"], arrays["probs"])
+    colors = predictor.colorize(arrays["label"])
+    _save_image(paths["color"], colors)
+    _save_image(paths["overlay"], blend(image, colors, alpha), quality=90)
+    save_label_png(paths["label"], arrays["label"], predictor.palette_table())
 
 
 def _settings(cfg: PredictConfig, predictor: Predictor) -> dict:
@@ -187,11 +202,9 @@ def _predict_shard(
 
     def flush() -> None:
         logits = predictor.logits([array for _, array in pending])
-        for (item, array), item_logits in zip(pending, logits, strict=True):
+        for (item, array), arrays in zip(pending, image_arrays(logits, cfg), strict=True):
             paths = output_paths(out, item, cfg)
-            writes.append(
-                pool.submit(write_outputs, predictor, array, item_logits, paths, cfg.alpha)
-            )
+            writes.append(pool.submit(write_outputs, predictor, array, arrays, paths, cfg.alpha))
             while len(writes) > IO_AHEAD:
                 writes.popleft().result()
         progress.advance(task, len(pending))
