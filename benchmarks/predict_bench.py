@@ -17,19 +17,21 @@
 
 from __future__ import annotations
 
+import os
 import re
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import add_common_options, report, table, timed  # noqa: E402
+from benchmarks.common import add_common_options, report, table  # noqa: E402
 from pixcli.artifacts import save_checkpoint  # noqa: E402
 from pixcli.data.benchmark import BenchmarkConfig, make_benchmark  # noqa: E402
 from pixcli.data.image_files import read_image  # noqa: E402
@@ -37,6 +39,8 @@ from pixcli.data.taxonomy import CITYSCAPES  # noqa: E402
 from pixcli.data.transforms import normalize  # noqa: E402
 from pixcli.engine.inference import upsampled_logits  # noqa: E402
 from pixcli.models import SegmentorConfig, build_segmentor  # noqa: E402
+from pixcli.models.checkpoint import segmentor_from_checkpoint  # noqa: E402
+from pixcli.predictor import class_ids  # noqa: E402
 from stages import predict  # noqa: E402
 from stages.demo import demo_warmup  # noqa: E402
 
@@ -57,21 +61,54 @@ def checkpoint(path: Path, model_cfg: SegmentorConfig) -> Path:
     return path
 
 
-def measure_predict(ckpt: Path, images: Path, out: Path) -> float:
-    cfg = predict.PredictConfig(images=[str(images)], device="cpu")
-    return predict.run(cfg, ckpt, out)["images_per_s"]
+@dataclass
+class Speed:
+    images_per_s: float
+    cpu_ms: float  # CPU time of the whole process (every thread) per image
 
 
-def measure_bare(model_cfg: SegmentorConfig, images: list[Path], repeat: int) -> float:
-    model = build_segmentor(model_cfg, load_weights=False).eval()
-    tensors = [normalize(read_image(p)).unsqueeze(0) for p in images]
+def predict_speed(ckpt: Path, images: list[Path], out: Path) -> Speed:
+    """`stages.predict.run` on ``images`` into ``out``: its loop's images/s (the manifest's
+    ``images_per_s``: reading, predicting, writing; loading the model excluded) and the
+    process's CPU time per image (loading the model included: about 0.14 s)."""
+    cfg = predict.PredictConfig(images=[str(p) for p in images], device="cpu")
+    cpu = time.process_time()
+    rate = predict.run(cfg, ckpt, out)["images_per_s"]
+    return Speed(rate, 1000 * (time.process_time() - cpu) / len(images))
 
-    @torch.no_grad()
-    def forward_all() -> None:
+
+def bare_speed(model: torch.nn.Module, tensors: list[torch.Tensor]) -> Speed:
+    """Forward, upsampling and class ids of each tensor (batch 1, already in memory and
+    normalised; the ids as predict takes them, :func:`pixcli.predictor.class_ids`)."""
+    start, cpu = time.perf_counter(), time.process_time()
+    with torch.no_grad():
         for x in tensors:
-            upsampled_logits(model, x).argmax(1)
+            class_ids(upsampled_logits(model, x))
+    seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu
+    return Speed(len(tensors) / seconds, 1000 * cpu_seconds / len(tensors))
 
-    return len(tensors) / timed(forward_all, repeat)
+
+def interleaved(
+    ckpt: Path, images: list[Path], tmp: Path, rounds: int
+) -> list[tuple[Speed, Speed]]:
+    """``(bare, predict)`` per round, the two measured one after the other in each round
+    (in alternating order), so that both see the same load on a shared machine. Same model
+    (the checkpoint's), same images and input tensors (stacked as predict stacks them),
+    same threads; one warm-up of each, not counted."""
+    model, _ = segmentor_from_checkpoint(ckpt)
+    tensors = [torch.stack([normalize(read_image(p))]) for p in images]
+    bare_speed(model, tensors[:10])
+    predict_speed(ckpt, images[:10], tmp / "warm-up")
+    pairs = []
+    for r in range(rounds):
+        if r % 2 == 0:
+            bare = bare_speed(model, tensors)
+            pred = predict_speed(ckpt, images, tmp / f"round{r}")
+        else:
+            pred = predict_speed(ckpt, images, tmp / f"round{r}")
+            bare = bare_speed(model, tensors)
+        pairs.append((bare, pred))
+    return pairs
 
 
 def help_seconds(runs: int, before: bool = False) -> float:
@@ -101,35 +138,48 @@ def main() -> None:
     import argparse
 
     parser = argparse.ArgumentParser()
+    parser.add_argument("--rounds", type=int, default=5, help="bare/predict pairs measured")
     add_common_options(parser)
     args = parser.parse_args()
-    torch.set_num_threads(1 if args.quick else 2)
+    threads = 1 if args.quick else 2
+    torch.set_num_threads(threads)
     model_cfg = QUICK_MODEL if args.quick else demo_warmup().model
+    rounds = 1 if args.quick else args.rounds
+    load = os.getloadavg()
     with tempfile.TemporaryDirectory() as tmp:
         bench = Path(tmp) / "bench"
         full = BenchmarkConfig(n_source=2, n_target_train=2)  # val: the default 100 images
         make_benchmark(bench, QUICK_BENCHMARK if args.quick else full)
-        val = bench / "target" / "leftImg8bit" / "val"
+        images = sorted((bench / "target" / "leftImg8bit" / "val").rglob("*.png"))
         ckpt = checkpoint(Path(tmp) / "model.pt", model_cfg)
-        images = sorted(val.rglob("*.png"))
-        bare = measure_bare(model_cfg, images, 1 if args.quick else 2)
-        pred = measure_predict(ckpt, val, Path(tmp) / "pred")
+        pairs = interleaved(ckpt, images, Path(tmp), rounds)
     runs = 2 if args.quick else 5
     help_now, help_before = help_seconds(runs), help_seconds(runs, before=True)
+    overheads = sorted(100 * (b.images_per_s / p.images_per_s - 1) for b, p in pairs)
+    cpu = sorted(100 * (p.cpu_ms / b.cpu_ms - 1) for b, p in pairs)
     speed = [
-        ["bare forward (images in memory)", f"{bare:.2f} img/s"],
-        ["pixcli predict (read, predict, write 3 files)", f"{pred:.2f} img/s"],
-        ["predict overhead over the bare forward (goal < 15%)", f"{100 * (bare / pred - 1):.1f}%"],
-    ]
+        ["bare forward (images in memory), median",
+         f"{statistics.median(b.images_per_s for b, _ in pairs):.2f} img/s, "
+         f"{statistics.median(b.cpu_ms for b, _ in pairs):.0f} CPU ms/img"],
+        ["pixcli predict (read, predict, write 3 files), median",
+         f"{statistics.median(p.images_per_s for _, p in pairs):.2f} img/s, "
+         f"{statistics.median(p.cpu_ms for _, p in pairs):.0f} CPU ms/img"],
+        ["predict overhead over the bare forward (goal < 15%): median, range of rounds",
+         f"{statistics.median(overheads):.1f}%, {overheads[0]:.1f}% to {overheads[-1]:.1f}%"],
+        ["predict's extra CPU time per image: median, range of rounds",
+         f"{statistics.median(cpu):.1f}%, {cpu[0]:.1f}% to {cpu[-1]:.1f}%"],
+    ]  # fmt: skip
     latency = [
         ["pixcli --help, now (median wall time)", f"{help_now:.3f} s"],
         ["pixcli --help, torch imported eagerly (before)", f"{help_before:.3f} s"],
         ["import pixcli.cli (-X importtime, cumulative)", f"{import_seconds():.3f} s"],
     ]
-    n = len(images)
+    policy = os.environ.get("OMP_WAIT_POLICY", "unset")
     title = (
-        f"predict: {model_cfg.backbone}+{model_cfg.head} on {n} benchmark val images, "
-        f"{1 if args.quick else 2} CPU threads" + (" (--quick)" if args.quick else "")
+        f"predict: {model_cfg.backbone}+{model_cfg.head} on {len(images)} benchmark val images, "
+        f"{threads} CPU threads, OMP_WAIT_POLICY {policy}, {len(pairs)} interleaved rounds, "
+        f"load average {load[0]:.1f} before, {os.getloadavg()[0]:.1f} after"
+        + (" (--quick)" if args.quick else "")
     )
     report(
         [table(title, ["what", "speed"], speed), table("--help", ["what", "time"], latency)],
