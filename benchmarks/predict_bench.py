@@ -1,18 +1,43 @@
 """`pixcli predict` images/s against a bare forward pass, and `pixcli --help` latency.
 
     python benchmarks/predict_bench.py                # demo model on the benchmark's val images
+    OMP_WAIT_POLICY=passive python benchmarks/predict_bench.py   # on a machine others use
     python benchmarks/predict_bench.py --quick --json # tiny model: checks it runs
 
 - ``predict``: `stages.predict.run` for real on the built-in benchmark's target val images
   (read from disk, whole-image inference, label + colour + overlay files written), images/s
   over its prediction loop (the manifest's ``images_per_s``; loading the model excluded).
-- ``bare``: the same model on the same images already in memory as normalised tensors:
-  forward, upsampling, argmax, batch 1. Overhead = bare / predict - 1 (goal: under 15%).
+- ``bare``: the checkpoint's model on the same images already in memory as normalised
+  tensors, stacked as predict stacks them: forward, upsampling, class ids
+  (:func:`pixcli.predictor.class_ids`, as predict), batch 1. Overhead = bare / predict - 1
+  (goal: under 15%).
+- The two are measured ``--rounds`` times (default 5) one after the other, in alternating
+  order, after one untimed warm-up of each, in one process (same torch threads); the
+  table gives the median and range of the per-round overhead, and each side's CPU time
+  per image (all threads; predict's includes loading the model, about 0.14 s per run),
+  which a shared machine disturbs much less than wall time.
+- OpenMP's default wait policy spins: with other processes on the cores, a 2-thread
+  forward then runs 2-4x slower, by an amount that depends on the process's other threads
+  (torch operations in other threads make libgomp throttle its spinning), so that wall-time
+  ratios measure the scheduler, not predict. ``OMP_WAIT_POLICY=passive`` (set before
+  Python starts; the title shows it) avoids that on a shared machine.
 - ``--help``: wall time of ``pixcli --help`` in a fresh interpreter (median of 5 runs), now
   and with the training loop (so torch) imported first, as ``pixcli/cli.py`` did before
   issue 18; and the cumulative import time of ``pixcli.cli`` from ``python -X importtime``.
   Measured at commit 0913188 (before), ``python -X importtime -c "import pixcli.cli"``:
   1.71 s, of which torch 1.62 s; ``time pixcli --help``: 2.8 s on a busy 2-core machine.
+
+Measured at commit 5ecded4 (``OMP_WAIT_POLICY=passive python benchmarks/predict_bench.py``,
+the demo model with the hypercolumn ``stage_dim`` 64, the machine shared with three or four
+trainings, load average 4.3-5.4): bare 12.07 img/s and 49 CPU ms per image, predict 9.81
+img/s and 58 CPU ms (medians); overhead 22.6% (rounds: 17.7% to 77.7%), over the goal;
+extra CPU time 19.3% (17.7% to 23.3%). The code before 1684519 against 1684519 in one run
+(interleaved, 3 rounds): extra CPU 26-38% against 18-23%. Where predict's extra time goes
+(CPU ms per 256x128 image, measured under load): reading the PNG 1.2; writing 5.7 (the
+fsyncs of atomic writes about 1.5, colour PNG 0.9, label PNG 0.45, JPEG 0.13, colours and
+blending 0.55, temporary files and renames the rest); normalising about 1; class ids and
+their conversion 0.6. Earlier the writing threads also ran the argmax in torch (4 ms, in
+an OpenMP team of their own).
 """
 
 from __future__ import annotations
