@@ -43,7 +43,10 @@ IterationsOpt = Annotated[int | None, typer.Option(help="Training iterations.")]
 LrOpt = Annotated[float | None, typer.Option(help="Backbone learning rate.")]
 ValOpt = Annotated[str | None, typer.Option(help="Labelled validation data, KIND:PATH.")]
 WindowOpt = Annotated[
-    str | None, typer.Option(help="Sliding window HxW, e.g. 512x1024 (default: whole image).")
+    str | None,
+    typer.Option(
+        help="Sliding window HxW, e.g. 512x1024 (default: the checkpoint's; else whole image)."
+    ),
 ]
 StrideOpt = Annotated[str | None, typer.Option(help="Window stride HxW.")]
 FlipOpt = Annotated[bool | None, typer.Option("--flip", help="Average with flipped input.")]
