@@ -182,6 +182,9 @@ def split_table(study: SemiStudy, split: float) -> tuple[list[str], list[list[st
             classes = list(m["per_class"])
             iou = [m["per_class"][c]["IoU"] for c in classes]
             per[n].append({"seed": seed, "mIoU": m["mIoU"], "iou": iou})
+    present = [i for i in range(len(classes))  # the benchmark's classes: an IoU in some run
+               if any(r["iou"][i] is not None for runs in per.values() for r in runs)]  # fmt: skip
+    names_present = [classes[i] for i in present]
     rows, raw = [], {}
     for n, runs in per.items():
         if not runs:
@@ -192,15 +195,15 @@ def split_table(study: SemiStudy, split: float) -> tuple[list[str], list[list[st
             if lo is not None and hi is not None and hi != lo:
                 shares.append(100 * (r["mIoU"] - lo) / (hi - lo))
         miou = [r["mIoU"] for r in runs]
-        iou = [[_nan(r["iou"][i]) for r in runs] for i in range(len(classes))]
+        iou = [[_nan(r["iou"][i]) for r in runs] for i in present]
         cls = [f"{statistics.fmean(v):.1f}" if not any(map(math.isnan, v)) else "-" for v in iou]
         rows.append([n, str(len(runs)), mean_std(miou), mean_std(shares), *cls])
         raw[n] = {
             "mIoU": miou,
             "gap_share": shares,
-            "per_class": dict(zip(classes, iou, strict=True)),
+            "per_class": dict(zip(names_present, iou, strict=True)),
         }
-    return ["model", "seeds", "mIoU", "gap closed %", *classes], rows, raw
+    return ["model", "seeds", "mIoU", "gap closed %", *names_present], rows, raw
 
 
 def _of(runs: list[dict], seed: int) -> float | None:

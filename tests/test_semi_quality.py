@@ -15,7 +15,7 @@ from benchmarks import semi_quality  # noqa: E402
 
 def _metrics(path: Path, miou: float, road: float | None) -> None:
     path.mkdir(parents=True)
-    per_class = {"road": {"IoU": road}, "sky": {"IoU": 50.0}}
+    per_class = {"road": {"IoU": road}, "wall": {"IoU": None}, "sky": {"IoU": 50.0}}
     (path / "metrics.json").write_text(json.dumps({"mIoU": miou, "per_class": per_class}))
 
 
@@ -34,6 +34,7 @@ def test_split_table_gap_share_per_seed_and_mean_std(study: semi_quality.SemiStu
         _metrics(d / "eval-1_30-none", none, 70.0 + seed)
         _metrics(d / "eval-1_30-all-labelled", upper, None)
     columns, rows, raw = semi_quality.split_table(study, 0.0333)
+    # wall: not in the benchmark (no IoU in any run), not a column
     assert columns == ["model", "seeds", "mIoU", "gap closed %", "road", "sky"]
     assert rows[1] == ["none", "2", "36.0 ± 2.8", "57.5 ± 24.7", "70.5", "50.0"]
     assert rows[0][3] == "0.0 ± 0.0" and rows[2][3] == "100.0 ± 0.0"
