@@ -111,6 +111,8 @@ def test_examples_demo_distill_toml_matches_the_demo_distillation_recipe():
         ("pixl_cityscapes_supervised.toml", "adapt.AdaptConfig"),
         ("pixl_benchmark.toml", "adapt.AdaptConfig"),
         ("semi_benchmark.toml", "adapt.AdaptConfig"),
+        ("semi_varied.toml", "adapt.AdaptConfig"),
+        ("semi_varied_warmup.toml", "warmup.WarmupConfig"),
         ("dinov2_uda_gta5_to_cityscapes.toml", "adapt.AdaptConfig"),
         ("dinov2_semi_cityscapes.toml", "adapt.AdaptConfig"),
     ],
@@ -135,6 +137,7 @@ def test_every_example_file_is_covered_by_a_test():
         "pgpc_gta5_to_cityscapes.toml",
         "pixl_gta5_to_cityscapes.toml", "pixl_cityscapes_semi.toml",
         "pixl_cityscapes_supervised.toml", "pixl_benchmark.toml", "semi_benchmark.toml",
+        "semi_varied.toml", "semi_varied_warmup.toml",
         "dinov2_uda_gta5_to_cityscapes.toml", "dinov2_semi_cityscapes.toml",
     }  # fmt: skip
     assert {p.name for p in examples.glob("*.toml")} <= covered
@@ -193,3 +196,17 @@ def test_adapt_bare_defaults_are_each_methods_paper_recipe(tmp_path: Path):
     assert none.loop.iterations == 40_000
     # a method without a paper recipe of its own keeps the loop's defaults
     assert load_adapt_config(None, {"method": "ipixmatch"}).optim == OptimConfig()
+
+
+def test_semi_varied_recipe_changes_ipixmatch_alpha_only_in_the_example():
+    from pixcli.losses.ipixmatch import IPixMatchConfig
+    from stages.adapt import AdaptConfig
+    from stages.warmup import WarmupConfig
+
+    examples = Path(__file__).parent.parent / "examples"
+    cfg = load_config(AdaptConfig, examples / "semi_varied.toml")
+    assert cfg.ipixmatch.alpha == 16.0 == cfg.ipixmatch.temperature**2  # t^2 (CWD)
+    assert IPixMatchConfig().alpha == 1.0  # the paper's default stays the default
+    assert cfg.setting == "semi" and cfg.augment.crop_size == (64, 64)
+    warm = load_config(WarmupConfig, examples / "semi_varied_warmup.toml")
+    assert warm.model.head_kwargs == {"stage_dim": 64} and warm.augment.crop_size == (64, 64)
