@@ -4,7 +4,7 @@ against labelled-only and the upper bound, over seeds: mean +- std mIoU, the sha
 labelled-only-to-upper-bound gap closed, per-class IoU.
 
     python benchmarks/semi_quality.py --seeds 3                 # the README's tables
-    python benchmarks/semi_quality.py --seeds 3 --splits 0.0333 --models none,ipixmatch
+    python benchmarks/semi_quality.py --seeds 3 --splits 0.0625 --models none,ipixmatch
     python benchmarks/semi_quality.py --seeds 3 --variant ipix-a50:ipixmatch:ipixmatch.alpha=50
     python benchmarks/semi_quality.py --table-only              # print what --work holds
     python benchmarks/semi_quality.py --quick                   # tiny: it runs
@@ -40,6 +40,12 @@ FRACTIONS = (0.0333, 0.0625, 0.125)  # 1/30, 1/16, 1/8 (10, 19 and 38 of 300 ima
 RECIPE = EXAMPLES / "semi_varied.toml"
 WARMUP_RECIPE = EXAMPLES / "semi_varied_warmup.toml"
 LABELLED_ONLY, UPPER = "labelled-only", "all labelled"
+# The README's rows: the methods with examples/semi_varied.toml, and two variants (--set on top)
+VARIANTS: dict[str, tuple[str, list[str]]] = {
+    "ipixmatch-paper": ("ipixmatch", ["--set", "ipixmatch.alpha=1"]),  # the paper's alpha
+    "pixl-full-res": ("pixl", ["--set", "pixl.lr_scale=1.0"]),  # X^L not downscaled
+}
+MODELS = ("none", "ipixmatch", "ipixmatch-paper", "pixl", "pixl-full-res")
 
 
 def arguments() -> argparse.Namespace:
@@ -49,7 +55,7 @@ def arguments() -> argparse.Namespace:
     p.add_argument("--splits", default="", help="labelled fractions to study (default: the "
                    "curve's fractions whose gap is >= --min-gap)")  # fmt: skip
     p.add_argument("--min-gap", type=float, default=6.0, help="mIoU, all-labelled - labelled")
-    p.add_argument("--models", default="none,ipixmatch,pixl", help="semi methods or variants")
+    p.add_argument("--models", default=",".join(MODELS), help="semi methods or variants")
     p.add_argument("--variant", action="append", default=[],
                    help="NAME:METHOD:key=value,key=value, a model of --models")  # fmt: skip
     p.add_argument("--table-only", action="store_true", help="print what --work holds; run nothing")
@@ -87,7 +93,7 @@ class SemiStudy(Study):
         self.warm_it = a.warmup_iterations or _iterations(WARMUP_RECIPE)
         self.adapt_it = a.adapt_iterations or _iterations(RECIPE)
         self.models = [m for m in a.models.split(",") if m]
-        self.variants = parse_variants(a.variant)
+        self.variants = {**VARIANTS, **parse_variants(a.variant)}
 
     def prepare(self) -> None:
         meta = self.bench / "benchmark.json"
