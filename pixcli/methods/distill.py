@@ -43,7 +43,8 @@ class Distill(Method):
     def __init__(self, setup: MethodSetup, cfg: KDConfig | None = None) -> None:
         super().__init__(setup)
         self.cfg = cfg or KDConfig()
-        self.soft_labels = PseudoSoftLabels(setup, self.name)
+        # the teacher's labels, by design not the student checkpoint's: no warning
+        self.soft_labels = PseudoSoftLabels(setup, self.name, from_other_model=True)
 
     def target_labels(self, ctx: StepContext) -> tuple[Tensor, Tensor]:
         p_t = self.soft_labels.crops(ctx)

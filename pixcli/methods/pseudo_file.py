@@ -19,11 +19,12 @@ class PseudoSoftLabels:
     Refused (UserError): no file or no unlabelled data, a file made from other target data
     (its ``dataset_fingerprint``), other classes than the target's, a target image without
     pseudo labels. A file made by another checkpoint than the run's gets a warning (it may
-    be on purpose: labels from a stronger model). ``rows[i]`` is the file's row of dataset
-    index ``i``.
+    be on purpose: labels from a stronger model), unless ``from_other_model`` says that is
+    the design (distillation: the teacher's labels, the student's checkpoint).
+    ``rows[i]`` is the file's row of dataset index ``i``.
     """
 
-    def __init__(self, setup: MethodSetup, method: str) -> None:
+    def __init__(self, setup: MethodSetup, method: str, from_other_model: bool = False) -> None:
         if setup.pseudo is None or setup.unlabelled is None:
             raise UserError(
                 f"--method {method} needs --pseudo pseudo.h5 and unlabelled target data"
@@ -36,7 +37,10 @@ class PseudoSoftLabels:
                 f"{made_from.dataset_fingerprint} ({made_from.dataset}), but this run's target "
                 f"has fingerprint {setup.target_fingerprint}; run pixcli pseudolabel on it"
             )
-        if setup.checkpoint_fingerprint and made_from.checkpoint != setup.checkpoint_fingerprint:
+        other = (
+            setup.checkpoint_fingerprint and made_from.checkpoint != setup.checkpoint_fingerprint
+        )
+        if other and not from_other_model:
             console.print(
                 f"warning: {setup.pseudo} was made by checkpoint {made_from.checkpoint}, not by "
                 f"--checkpoint ({setup.checkpoint_fingerprint})",
