@@ -20,6 +20,7 @@ import argparse
 import dataclasses
 import statistics
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -47,7 +48,7 @@ def variants(base: SegmentorConfig) -> dict[str, SegmentorConfig]:
     }
 
 
-def step_function(cfg: SegmentorConfig, batch: int, crop: int) -> object:
+def step_function(cfg: SegmentorConfig, batch: int, crop: int) -> Callable[[], None]:
     torch.manual_seed(0)
     model = build_segmentor(cfg, load_weights=False).train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)

@@ -92,7 +92,8 @@ def test_hypercolumn_stage_dim_projects_each_stage_before_the_fusion() -> None:
     assert projected(x).logits.shape == plain(x).logits.shape
     # stage_dim = 0 adds no parameters: checkpoints made before the option load unchanged
     assert not any(k.startswith("decoder.project") for k in plain.state_dict())
-    with pytest.raises(ValueError, match=r"stage_dim must be >= 0 \(0: no projection\), got -1"):
+    message = r"model.head_kwargs.stage_dim must be >= 0 \(0: no projection\), got -1"
+    with pytest.raises(UserError, match=message):
         build_segmentor(tiny_config(head="hypercolumn", head_kwargs={"stage_dim": -1}))
 
 

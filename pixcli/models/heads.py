@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from pixcli.errors import UserError
 from pixcli.models.layers import ASPP, conv_bn_relu, resize
 
 FINE_STRIDE = 4  # stride of the low-level features the decoders fuse (the papers' 1/4 scale)
@@ -192,7 +193,9 @@ class HypercolumnHead(DecodeHead):
         self.out_channels = feature_dim
         self.output_stride = reductions[first]
         if stage_dim < 0:
-            raise ValueError(f"stage_dim must be >= 0 (0: no projection), got {stage_dim}")
+            raise UserError(
+                f"model.head_kwargs.stage_dim must be >= 0 (0: no projection), got {stage_dim}"
+            )
         self.project = nn.ModuleList(
             conv_bn_relu(channels[i], stage_dim, 1) if stage_dim else nn.Identity()
             for i in self.in_indices
