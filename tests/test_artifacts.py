@@ -74,6 +74,15 @@ def test_class_mismatch(tmp_path: Path):
     check_classes(tmp_path / "m.pt", _ckpt(), ("a", "b"))
 
 
+def test_atomic_write_fsyncs_only_when_durable(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    synced: list[int] = []
+    monkeypatch.setattr(os, "fsync", synced.append)
+    atomic_write(tmp_path / "a.txt", lambda tmp: tmp.write_text("a"))
+    assert len(synced) == 2  # the file, then its directory (the rename)
+    atomic_write(tmp_path / "b.txt", lambda tmp: tmp.write_text("b"), durable=False)
+    assert len(synced) == 2 and (tmp_path / "b.txt").read_text() == "b"
+
+
 def test_atomic_write_keeps_old_file_on_failure(tmp_path: Path):
     target = tmp_path / "f.txt"
     target.write_text("old")

@@ -200,6 +200,12 @@ def test_rerun_skips_finished_images_and_refuses_another_checkpoint(warm: Path, 
     assert label.stat().st_mtime_ns == before
     assert (tmp_path / "pred" / "1_overlay.jpg").is_file()
     assert read_json(tmp_path / "pred" / "manifest.json")["results"]["predicted"] == 1
+    # an empty file (what a power loss during predict's non-fsynced writes can leave) is
+    # not a finished image
+    (tmp_path / "pred" / "0_color.png").write_bytes(b"")
+    result = _predict(warm, tmp_path / "pred", tmp_path / "in")
+    assert result.exit_code == 0 and "1 images already predicted" in _text(result.output)
+    assert Image.open(tmp_path / "pred" / "0_color.png").size == (16, 16)
     result = _predict(warm, tmp_path / "pred", tmp_path / "in", extra=("--flip",))
     assert result.exit_code == 2
     assert "holds predictions made with other settings" in _text(result.output)
