@@ -13,9 +13,10 @@ Per input image, mirroring the input tree under ``out`` (``REL`` = its path rela
 All predictions go through :class:`pixcli.predictor.Predictor` (``pixcli.load``). An
 image is finished when all its files exist and none is empty (each is written atomically,
 without fsync: an interrupted run leaves whole files or none, a power loss at worst an
-empty one); a rerun predicts only the others. An unreadable image is reported and skipped, the rest written, and the run
-ends with a UserError (exit 2) listing how many were skipped. Under torchrun each rank
-predicts every ``world_size``-th unfinished image; rank 0 writes ``manifest.json``.
+empty one); a rerun predicts only the others. An unreadable image is reported and
+skipped, the rest written, and the run ends with a UserError (exit 2) listing how many
+were skipped. Under torchrun each rank predicts every ``world_size``-th unfinished image;
+rank 0 writes ``manifest.json``.
 """
 
 from __future__ import annotations
