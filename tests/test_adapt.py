@@ -10,7 +10,7 @@ import torch
 from tiny import tiny_warmup
 
 from pixcli.artifacts import load_checkpoint
-from pixcli.data.mixing import classmix_masks, mix
+from pixcli.data.mixing import classmix_masks, match_colour_statistics, mix
 from pixcli.data.readers import open_dataset
 from pixcli.data.splits import split_labelled
 from pixcli.errors import UserError
@@ -201,6 +201,45 @@ def test_teacher_norm_batch_changes_the_pseudo_labels_and_keeps_the_teacher(
     cfg.self_training.teacher_norm = "group"
     with pytest.raises(UserError, match="self_training.teacher_norm 'group'"):
         adapt.run(cfg, warm, tmp_path / "group")
+
+
+def test_match_colour_statistics_by_hand():
+    """Channel 0 of the image is -1, 1 (mean 0, std 1) and a padding pixel left out; the
+    reference's 0.5, 0.7 (mean 0.6, std 0.1): the image becomes 0.5, 0.7. Channel 1's reference
+    (1, 5) asks for more than an 8-bit image holds: 5 is clipped at (1 - mean) / std."""
+    image = torch.zeros(1, 3, 1, 3)
+    image[0, :, 0] = torch.tensor([-1.0, 1.0, 9.0])
+    ref = torch.zeros(1, 3, 1, 2)
+    ref[0, 0, 0] = torch.tensor([0.5, 0.7])
+    ref[0, 1, 0] = torch.tensor([1.0, 5.0])
+    ref[0, 2, 0] = torch.tensor([0.0, 0.0])
+    valid = torch.tensor([[[True, True, False]]])
+    out = match_colour_statistics(image, ref, valid)
+    eps = 1e-3
+    assert torch.allclose(
+        out[0, 0, 0, :2], torch.tensor([0.6 - 0.1 / (1 + eps), 0.6 + 0.1 / (1 + eps)])
+    )
+    top = (1 - 0.456) / 0.224  # channel 1's largest normalised value
+    assert torch.allclose(out[0, 1, 0, :2], torch.tensor([3.0 - 2 / (1 + eps), top]))
+    assert torch.allclose(out[0, 2, 0, :2], torch.zeros(2))  # a flat reference: its mean
+
+
+def test_target_colour_stats_recolours_the_labelled_images_only(
+    tiny_bench: Path, warm: Path, tmp_path: Path
+):
+    """The first step with every labelled image recoloured: another labelled loss, the same
+    pseudo labels (the unlabelled batch the colours came from is the one the teacher sees)."""
+    first = {}
+    for share in (0.0, 1.0):
+        cfg = _cfg(tiny_bench)
+        cfg.loop.iterations, cfg.loop.log_every = 1, 1
+        cfg.self_training.target_colour_stats = share
+        adapt.run(cfg, warm, tmp_path / str(share))
+        lines = (tmp_path / str(share) / "train_log.jsonl").read_text().splitlines()
+        first[share] = next(e for e in map(json.loads, lines) if "ce_unlabelled" in e)
+    assert first[1.0]["ce_labelled"] != first[0.0]["ce_labelled"]
+    assert first[1.0]["pl_mIoU"] == first[0.0]["pl_mIoU"]
+    assert first[1.0]["pl_confident"] == first[0.0]["pl_confident"]
 
 
 @pytest.mark.parametrize(("norm_from", "forwards"), [("all", 2), ("unlabelled", 1)])

@@ -53,6 +53,39 @@ def _stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return mean, std
 
 
+def _masked_mean_std(
+    x: torch.Tensor, valid: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per image and channel of ``x`` (B,C,H,W): mean and (population) standard deviation over
+    the pixels where ``valid`` (B,H,W) is True (all pixels when None), each (B,C,1,1)."""
+    w = torch.ones_like(x[:, :1]) if valid is None else valid[:, None].to(x.dtype)
+    n = w.sum((2, 3), keepdim=True).clamp_min(1)
+    mean = (x * w).sum((2, 3), keepdim=True) / n
+    var = ((x - mean) ** 2 * w).sum((2, 3), keepdim=True) / n
+    return mean, var.sqrt()
+
+
+def match_colour_statistics(
+    images: torch.Tensor,
+    references: torch.Tensor,
+    valid: torch.Tensor | None = None,
+    reference_valid: torch.Tensor | None = None,
+    eps: float = 1e-3,
+) -> torch.Tensor:
+    """Colour transfer by channel statistics (Reinhard et al., IEEE CG&A 2001): each of the
+    normalised ``images`` (B,3,H,W) gets, per RGB channel, the mean and standard deviation of
+    the reference with its index (``references``: (B,3,H',W')), then is clipped to what an
+    8-bit image can hold. The statistics are over the ``valid`` (B,H,W) pixels (a crop's
+    padding left out). Choice: RGB (of the normalised tensors: the same as RGB up to an
+    affine map per channel), not Reinhard's l-alpha-beta space, so no colour-space
+    conversion; the per-channel means and spreads are what a dusk or fog gap shifts most."""
+    mean_i, std_i = _masked_mean_std(images.float(), valid)
+    mean_r, std_r = _masked_mean_std(references.float(), reference_valid)
+    out = (images.float() - mean_i) / (std_i + eps) * std_r + mean_r
+    mean, std = _stats(images)
+    return torch.maximum(torch.minimum(out, (1 - mean) / std), -mean / std).to(images.dtype)
+
+
 def _luma(img: torch.Tensor) -> torch.Tensor:
     """(B,3,H,W) RGB -> (B,1,H,W) luma, ITU-R 601 weights (PIL's and torchvision's)."""
     return 0.299 * img[:, :1] + 0.587 * img[:, 1:2] + 0.114 * img[:, 2:]

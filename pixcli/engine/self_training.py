@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from pixcli.data.mixing import classmix_masks, mix, strong_view
+from pixcli.data.mixing import classmix_masks, match_colour_statistics, mix, strong_view
 from pixcli.data.taxonomy import IGNORE_INDEX
 from pixcli.data.training_set import inside_image
 from pixcli.engine.imagenet_fd import ImageNetFeatureDistance
@@ -66,6 +66,10 @@ class SelfTrainingConfig:
     strong_jitter: float = 0.2  # DACS colour jitter strength
     strong_blur_prob: float = 0.5  # DACS blur probability
     unlabelled_weight: float = 1.0  # weight of the unlabelled (mixed) CE term
+    # Share of the labelled images recoloured to the channel means and spreads of an
+    # unlabelled image before the student sees them (and before ClassMix pastes them into the
+    # target; data.mixing.match_colour_statistics). A pixcli option, not in the papers: 0 off.
+    target_colour_stats: float = 0.0
     # The teacher's BatchNorm on the weak view: "running" (its EMA statistics, DAFormer's) or
     # "batch" (the unlabelled batch's own statistics, AdaBN per batch; a pixcli option).
     teacher_norm: str = "running"
@@ -137,6 +141,7 @@ class SelfTrainingStep:
         # the pseudo labels' worth against the unlabelled stream's own labels, when it has
         # them (set by the stage; pixcli.engine.pseudo_quality)
         self.monitor: PseudoLabelMonitor | None = None
+        self._upcoming: dict | None = None  # an unlabelled batch drawn ahead (_recoloured)
         self.fd: ImageNetFeatureDistance | None = None
         if cfg.feature_distance > 0:
             self.fd = ImageNetFeatureDistance(
@@ -153,6 +158,8 @@ class SelfTrainingStep:
             labelled_label=batch["label"].to(dev, non_blocking=True),
             student=self.student,
         )
+        if self.cfg.target_colour_stats > 0 and self.unlabelled is not None:
+            ctx.labelled_image = self._recoloured(ctx.labelled_image, batch)
         losses: dict[str, Tensor] = {}
         with self.runtime.autocast():
             image = self.method.student_input(ctx.labelled_image)
@@ -203,6 +210,33 @@ class SelfTrainingStep:
             confidence = ctx.teacher_logits.float().softmax(1).amax(1)
             self.monitor.update(ctx.pseudo_label, confidence, label)
 
+    def _next_unlabelled(self) -> dict:
+        """The next unlabelled batch (the one :meth:`_recoloured` took the colours of, when
+        it took one)."""
+        assert self.unlabelled is not None
+        batch, self._upcoming = self._upcoming, None
+        return batch if batch is not None else next(self.unlabelled)
+
+    def _recoloured(self, image: Tensor, batch: dict) -> Tensor:
+        """``target_colour_stats``: that share of the labelled images, each drawn at random,
+        recoloured to the unlabelled image of its index in this step's unlabelled batch."""
+        assert self.unlabelled is not None
+        self._upcoming = next(self.unlabelled)
+        target = self._upcoming["image"].to(image.device, non_blocking=True)
+        n = min(image.shape[0], target.shape[0])
+        chosen = torch.rand(n, generator=self.generator) < self.cfg.target_colour_stats
+        if not chosen.any():
+            return image
+        idx = chosen.nonzero()[:, 0].to(image.device)
+        image = image.clone()
+        image[idx] = match_colour_statistics(
+            image[idx],
+            target[idx],
+            inside_image(batch["geometry"][:n][chosen]).to(image.device),
+            inside_image(self._upcoming["geometry"][:n][chosen]).to(image.device),
+        )
+        return image
+
     def _labelled_norm(self) -> AbstractContextManager:
         """Around the labelled forward: with ``student_norm_from = "unlabelled"`` (and an
         unlabelled stream to take the statistics from) it leaves BatchNorm's running
@@ -224,8 +258,7 @@ class SelfTrainingStep:
         return F.cross_entropy(logits.float(), labels, ignore_index=IGNORE_INDEX)
 
     def _unlabelled(self, ctx: StepContext) -> Tensor:
-        assert self.unlabelled is not None
-        batch = next(self.unlabelled)
+        batch = self._next_unlabelled()
         dev = self.runtime.device
         ctx.unlabelled_image = batch["image"].to(dev, non_blocking=True)
         ctx.unlabelled_index = batch["index"]

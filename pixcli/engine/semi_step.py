@@ -104,7 +104,7 @@ class UniMatchStep(SelfTrainingStep):
     def _unlabelled(self, ctx: StepContext) -> Tensor:
         assert self.unlabelled is not None
         dev = self.runtime.device
-        batch, partner_batch = next(self.unlabelled), next(self.unlabelled)
+        batch, partner_batch = self._next_unlabelled(), next(self.unlabelled)
         weak = batch["image"].to(dev, non_blocking=True)
         partner_weak = partner_batch["image"].to(dev, non_blocking=True)
         n = weak.shape[0]
