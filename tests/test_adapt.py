@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -13,6 +14,11 @@ from pixcli.artifacts import load_checkpoint
 from pixcli.data.mixing import classmix_masks, match_colour_statistics, mix
 from pixcli.data.readers import open_dataset
 from pixcli.data.splits import split_labelled
+from pixcli.engine.self_training import (
+    SelfTrainingConfig,
+    flip_averaged,
+    weak_view_pseudo_labels,
+)
 from pixcli.errors import UserError
 from pixcli.losses.self_training import (
     ema_momentum,
@@ -224,6 +230,13 @@ def test_match_colour_statistics_by_hand():
     assert torch.allclose(out[0, 2, 0, :2], torch.zeros(2))  # a flat reference: its mean
 
 
+def _first_logged_step(cfg: adapt.AdaptConfig, warm: Path, out: Path) -> dict:
+    cfg.loop.iterations, cfg.loop.log_every = 1, 1
+    adapt.run(cfg, warm, out)
+    lines = (out / "train_log.jsonl").read_text().splitlines()
+    return next(e for e in map(json.loads, lines) if "ce_unlabelled" in e)
+
+
 def test_target_colour_stats_recolours_the_labelled_images_only(
     tiny_bench: Path, warm: Path, tmp_path: Path
 ):
@@ -232,14 +245,60 @@ def test_target_colour_stats_recolours_the_labelled_images_only(
     first = {}
     for share in (0.0, 1.0):
         cfg = _cfg(tiny_bench)
-        cfg.loop.iterations, cfg.loop.log_every = 1, 1
         cfg.self_training.target_colour_stats = share
-        adapt.run(cfg, warm, tmp_path / str(share))
-        lines = (tmp_path / str(share) / "train_log.jsonl").read_text().splitlines()
-        first[share] = next(e for e in map(json.loads, lines) if "ce_unlabelled" in e)
+        first[share] = _first_logged_step(cfg, warm, tmp_path / str(share))
     assert first[1.0]["ce_labelled"] != first[0.0]["ce_labelled"]
     assert first[1.0]["pl_mIoU"] == first[0.0]["pl_mIoU"]
     assert first[1.0]["pl_confident"] == first[0.0]["pl_confident"]
+
+
+def test_weak_view_pseudo_labels_image_share_or_pixel_mask():
+    """Two pixels, one confident (0.98 > 0.968): DAFormer's weights are the share 0.5 on
+    both, the pixel mask 1 and 0."""
+    probs = torch.tensor([[0.98, 0.60], [0.02, 0.40]]).view(1, 2, 1, 2)
+    st = SelfTrainingConfig()
+    labels, weights = weak_view_pseudo_labels(probs, st)
+    assert labels.tolist() == [[[0, 0]]] and weights.tolist() == [[[0.5, 0.5]]]
+    st.pseudo_weighting = "pixel"
+    labels, weights = weak_view_pseudo_labels(probs, st)
+    assert labels.tolist() == [[[0, 0]]] and weights.tolist() == [[[1.0, 0.0]]]
+
+
+def test_flip_averaged_is_the_mean_of_the_view_and_its_mirror():
+    """A 'model' whose logits are (x, -x) of a 1x2 image: on [a, b] its probabilities of
+    class 0 are sigmoid(2a), sigmoid(2b); on the mirror, mirrored back, the same: averaging
+    a view with its own mirror changes nothing for a symmetric model. A model that adds the
+    column index breaks the symmetry: the mean is taken pixel by pixel."""
+
+    class Column(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> SimpleNamespace:
+            col = torch.arange(x.shape[-1], dtype=x.dtype).view(1, 1, 1, -1)
+            return SimpleNamespace(logits=torch.cat([x[:, :1] + col, -x[:, :1] - col], 1))
+
+    image = torch.tensor([0.5, -0.25]).view(1, 1, 1, 2)
+    model = Column()
+    probs = flip_averaged(model(image).logits, model, image).softmax(1)
+    # pixel j sees column j in the view, column 1 - j in the mirror
+    p0 = (torch.sigmoid(torch.tensor([2 * 0.5, 2 * (-0.25 + 1)]))
+          + torch.sigmoid(torch.tensor([2 * (0.5 + 1), 2 * -0.25]))) / 2  # fmt: skip
+    assert torch.allclose(probs[0, 0, 0], p0, atol=1e-6)
+    assert torch.allclose(probs.sum(1), torch.ones(1, 1, 2))
+
+
+def test_pseudo_weighting_is_checked(tiny_bench: Path, warm: Path, tmp_path: Path):
+    cfg = _cfg(tiny_bench)
+    cfg.self_training.pseudo_weighting = "soft"
+    with pytest.raises(UserError, match="self_training.pseudo_weighting 'soft': expected one"):
+        adapt.run(cfg, warm, tmp_path / "soft")
+
+
+def test_teacher_flip_runs_an_adaptation(tiny_bench: Path, warm: Path, tmp_path: Path):
+    cfg = _cfg(tiny_bench)
+    cfg.self_training.teacher_flip = True
+    cfg.self_training.pseudo_weighting = "pixel"
+    cfg.loop.iterations = 2
+    adapt.run(cfg, warm, tmp_path / "flip")
+    assert (tmp_path / "flip" / "model.pt").is_file()
 
 
 @pytest.mark.parametrize(("norm_from", "forwards"), [("all", 2), ("unlabelled", 1)])

@@ -42,6 +42,7 @@ from pixcli.errors import UserError
 from pixcli.losses.feature_distance import CITYSCAPES_THING_CLASSES
 from pixcli.losses.ohem import ohem_cross_entropy
 from pixcli.losses.self_training import (
+    confident_pseudo_labels,
     ema_momentum,
     ema_update,
     pseudo_labels_and_weights,
@@ -51,6 +52,7 @@ from pixcli.methods.base import Method, StepContext, StrongView
 from pixcli.models.norm_statistics import frozen_norm_statistics, target_norm_statistics
 
 LABELLED_LOSSES = ("ce", "ohem")
+PSEUDO_WEIGHTINGS = ("image", "pixel")
 TEACHER_NORMS = ("running", "batch")
 STUDENT_NORMS_FROM = ("all", "unlabelled")
 
@@ -62,6 +64,13 @@ class SelfTrainingConfig:
     ema_momentum: float = 0.999  # DAFormer, CPSL Sec. 4.1
     ema_ramp: bool = True  # alpha_t = min(1 - 1/(t+1), ema_momentum) (DAFormer)
     confidence_threshold: float = 0.968  # DAFormer Eq. 5 / PGPC Eq. 3 / PiXL Eq. 11
+    # The pseudo labels' weights: "image" (DAFormer Eq. 5: each image's confident share on
+    # all its pixels) or "pixel" (FixMatch's mask: 1 on the confident pixels, 0 elsewhere;
+    # a pixcli option for the UDA loop, as UniMatch's step does in the semi setting).
+    pseudo_weighting: str = "image"
+    # The teacher's pseudo labels from the mean of its probabilities on the weak view and on
+    # its mirror image (flip test-time augmentation; a pixcli option, one more teacher forward).
+    teacher_flip: bool = False
     classmix: bool = True  # DACS mixing of labelled into unlabelled images
     strong_jitter: float = 0.2  # DACS colour jitter strength
     strong_blur_prob: float = 0.5  # DACS blur probability
@@ -96,6 +105,22 @@ def full_size(logits: Tensor, like: Tensor) -> Tensor:
     return F.interpolate(logits.float(), size=like.shape[-2:], mode="bilinear", align_corners=False)
 
 
+def flip_averaged(logits: Tensor, model: nn.Module, image: Tensor) -> Tensor:
+    """``teacher_flip``: log of the mean of softmax(``logits``) (the model's on ``image``,
+    at its size) and the model's probabilities on the mirrored image, mirrored back. Its
+    softmax is that mean, so what reads the teacher's logits reads the averaged view."""
+    mirrored = full_size(model(image.flip(-1)).logits, image).softmax(1).flip(-1)
+    return ((logits.float().softmax(1) + mirrored) / 2).clamp_min(1e-8).log()
+
+
+def weak_view_pseudo_labels(probs: Tensor, cfg: SelfTrainingConfig) -> tuple[Tensor, Tensor]:
+    """The teacher's probabilities (B, C, H, W) -> hard labels and their weights (B, H, W),
+    by ``cfg.pseudo_weighting``: DAFormer's per-image confident share or the 0/1 mask."""
+    if cfg.pseudo_weighting == "pixel":
+        return confident_pseudo_labels(probs, cfg.confidence_threshold)
+    return pseudo_labels_and_weights(probs, cfg.confidence_threshold)
+
+
 class SelfTrainingStep:
     """Callable ``step(t) -> logs`` for :class:`pixcli.engine.trainer.TrainLoop`."""
 
@@ -121,6 +146,11 @@ class SelfTrainingStep:
             raise UserError(
                 f"self_training.student_norm_from {cfg.student_norm_from!r}: expected one of "
                 f"{', '.join(STUDENT_NORMS_FROM)}"
+            )
+        if cfg.pseudo_weighting not in PSEUDO_WEIGHTINGS:
+            raise UserError(
+                f"self_training.pseudo_weighting {cfg.pseudo_weighting!r}: expected one of "
+                f"{', '.join(PSEUDO_WEIGHTINGS)}"
             )
         if cfg.labelled_loss not in LABELLED_LOSSES:
             raise UserError(
@@ -266,9 +296,11 @@ class SelfTrainingStep:
         with torch.no_grad(), self._teacher_norm():
             ctx.teacher_output = self.teacher(ctx.unlabelled_image)
             ctx.teacher_logits = full_size(ctx.teacher_output.logits, ctx.unlabelled_image)
-            labels, weights = pseudo_labels_and_weights(
-                ctx.teacher_logits.softmax(1), self.cfg.confidence_threshold
-            )
+            if self.cfg.teacher_flip:
+                ctx.teacher_logits = flip_averaged(
+                    ctx.teacher_logits, self.teacher, ctx.unlabelled_image
+                )
+            labels, weights = weak_view_pseudo_labels(ctx.teacher_logits.softmax(1), self.cfg)
         ctx.pseudo_label, ctx.pseudo_weight = labels, weights
         labels, weights = self.method.target_labels(ctx)
         ctx.pseudo_label, ctx.pseudo_weight = labels, weights
