@@ -4,6 +4,8 @@ source-to-oracle gap, per-class IoU, against the plain reference (issue 17).
     python benchmarks/methods_quality.py --seeds 3                          # street, seed 0
     python benchmarks/methods_quality.py --seeds 3 --style dusk --bench-seed 1
     python benchmarks/methods_quality.py --seeds 3 --methods none,cpsl --jobs 2
+    python benchmarks/methods_quality.py --seeds 3 --methods none,flip \
+        --variant flip:none:self_training.teacher_flip=true     # a recipe change against none
     python benchmarks/methods_quality.py --quick                            # tiny: it runs
 
 Each run is an ordinary ``pixcli`` command (the example recipes ``examples/demo.toml``,
@@ -41,7 +43,10 @@ def arguments() -> argparse.Namespace:
     p.add_argument("--seeds", type=int, default=3, help="training seeds 0..N-1")
     p.add_argument("--style", default="street", help="make-benchmark --style")
     p.add_argument("--bench-seed", type=int, default=0, help="make-benchmark --seed")
-    p.add_argument("--methods", default="none,cpsl,pgpc,pixl")
+    p.add_argument("--methods", default="none,cpsl,pgpc,pixl", help="methods or variants")
+    p.add_argument("--variant", action="append", default=[],
+                   help="NAME:METHOD:key=value,key=value, a model of --methods: the method "
+                        "with these --set on top of the recipe")  # fmt: skip
     p.add_argument("--no-distill", action="store_true", help="skip the distillation round")
     p.add_argument("--no-plain", action="store_true", help="skip the plain reference runs")
     p.add_argument("--table-only", action="store_true", help="print what --work holds; run nothing")
@@ -53,6 +58,16 @@ def arguments() -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="tiny benchmark and budgets")
     p.add_argument("--json", action="store_true", help="also print the table as JSON")
     return p.parse_args()
+
+
+def parse_variants(specs: list[str]) -> dict[str, tuple[str, list[str]]]:
+    """``NAME:METHOD:k=v,k=v`` -> {NAME: (METHOD, ["--set", "k=v", ...])}."""
+    out = {}
+    for spec in specs:
+        name, method, *rest = spec.split(":", 2)
+        sets = [s for kv in (rest[0].split(",") if rest else []) for s in ("--set", kv)]
+        out[name] = (method, sets)
+    return out
 
 
 def recipe_iterations(toml: Path) -> int:
@@ -71,6 +86,7 @@ class Study:
         self.source = f"gta5:{self.bench / 'source'}"
         self.target = f"cityscapes:{self.bench / 'target'}"
         self.methods = [m for m in a.methods.split(",") if m]
+        self.variants = parse_variants(getattr(a, "variant", []))
         self.warm_it = a.warmup_iterations or recipe_iterations(EXAMPLES / "demo.toml")
         self.adapt_it = a.adapt_iterations or recipe_iterations(EXAMPLES / "demo_adapt.toml")
         self.env = {**os.environ, "OMP_NUM_THREADS": str(a.threads)}
@@ -100,16 +116,21 @@ class Study:
         self.evaluate(out / "model.pt", self.seed_dir(seed) / f"eval-{name}")
         return out / "model.pt"
 
-    def adapt(self, seed: int, method: str, warm: Path, pseudo: Path | None) -> Path:
-        out = self.seed_dir(seed) / f"adapt-{method}"
+    def method_of(self, name: str) -> tuple[str, list[str]]:
+        """A model of ``--methods``: its method and the ``--set`` options of its variant."""
+        return self.variants.get(name, (name, []))
+
+    def adapt(self, seed: int, name: str, warm: Path, pseudo: Path | None) -> Path:
+        out = self.seed_dir(seed) / f"adapt-{name}"
+        method, sets = self.method_of(name)
         cmd = [*PIXCLI, "adapt", "--config", str(EXAMPLES / "demo_adapt.toml"), "--method",
                method, "--checkpoint", str(warm), "--source", self.source, "--target",
                self.target, "--out", str(out), "--seed", str(seed), "--iterations",
                str(self.adapt_it)]  # fmt: skip
         if method == "cpsl" and pseudo is not None:
             cmd += ["--pseudo", str(pseudo)]
-        self.run([*cmd, *self.common], out.with_suffix(".log"))
-        self.evaluate(out / "model.pt", self.seed_dir(seed) / f"eval-{method}")
+        self.run([*cmd, *sets, *self.common], out.with_suffix(".log"))
+        self.evaluate(out / "model.pt", self.seed_dir(seed) / f"eval-{name}")
         return out / "model.pt"
 
     def pseudolabel(self, warm: Path) -> Path:
@@ -162,7 +183,8 @@ class Study:
             seeds = [] if self.a.no_plain else range(self.a.seeds)
             plain_jobs = [pool.submit(self.plain, seed) for seed in seeds]
             warm = warm_job.result()
-            pseudo = self.pseudolabel(warm) if "cpsl" in self.methods else None
+            cpsl = any(self.method_of(m)[0] == "cpsl" for m in self.methods)
+            pseudo = self.pseudolabel(warm) if cpsl else None
             jobs = [
                 pool.submit(self.method, seed, m, warm, pseudo)
                 for seed in range(self.a.seeds)

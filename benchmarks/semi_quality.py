@@ -34,7 +34,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.methods_quality import EXAMPLES, PIXCLI, ROOT, Study, mean_std  # noqa: E402
+from benchmarks.methods_quality import (  # noqa: E402
+    EXAMPLES,
+    PIXCLI,
+    ROOT,
+    Study,
+    mean_std,
+    parse_variants,
+)
 
 FRACTIONS = (0.0333, 0.0625, 0.125)  # 1/30, 1/16, 1/8 (10, 19 and 38 of 300 images)
 RECIPE = EXAMPLES / "semi_varied.toml"
@@ -73,16 +80,6 @@ def arguments() -> argparse.Namespace:
 def split_name(fraction: float) -> str:
     """0.0333 -> "1_30", 1 -> "1_1": the name of a fraction's runs."""
     return f"1_{round(1 / fraction)}"
-
-
-def parse_variants(specs: list[str]) -> dict[str, tuple[str, list[str]]]:
-    """``NAME:METHOD:k=v,k=v`` -> {NAME: (METHOD, ["--set", "k=v", ...])}."""
-    out = {}
-    for spec in specs:
-        name, method, *rest = spec.split(":", 2)
-        sets = [s for kv in (rest[0].split(",") if rest else []) for s in ("--set", kv)]
-        out[name] = (method, sets)
-    return out
 
 
 class SemiStudy(Study):

@@ -1,0 +1,54 @@
+"""benchmarks/methods_quality.py: the commands of a variant and its row in the table, from a
+work directory of runs whose metrics.json are written by hand (no training)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the checkout's benchmarks/
+from benchmarks import methods_quality  # noqa: E402
+
+
+def _metrics(path: Path, miou: float) -> None:
+    path.mkdir(parents=True)
+    per_class = {"road": {"IoU": miou}, "sky": {"IoU": 50.0}}
+    (path / "metrics.json").write_text(json.dumps({"mIoU": miou, "per_class": per_class}))
+
+
+@pytest.fixture
+def study(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> methods_quality.Study:
+    monkeypatch.setattr(sys, "argv", [
+        "methods_quality.py", "--work", str(tmp_path), "--seeds", "2", "--methods",
+        "none,flip", "--variant", "flip:none:self_training.teacher_flip=true,optim.lr=0.002",
+        "--no-plain", "--table-only"])  # fmt: skip
+    return methods_quality.Study(methods_quality.arguments())
+
+
+def test_a_variant_runs_its_method_with_its_settings(study: methods_quality.Study, monkeypatch):
+    commands: list[list[str]] = []
+    monkeypatch.setattr(study, "run", lambda cmd, log: commands.append(cmd))
+    study.adapt(1, "flip", Path("warm.pt"), None)
+    adapt, evaluate = commands
+    assert adapt[adapt.index("--method") + 1] == "none"
+    assert adapt[-6:-2] == ["--set", "self_training.teacher_flip=true", "--set", "optim.lr=0.002"]
+    assert adapt[adapt.index("--out") + 1].endswith("seed1/adapt-flip")
+    assert evaluate[evaluate.index("--out") + 1].endswith("seed1/eval-flip")
+
+
+def test_the_table_has_a_row_per_variant_with_its_gap_share(study, tmp_path: Path):
+    _metrics(tmp_path / "seed0" / "eval-warmup", 20.0)
+    _metrics(tmp_path / "seed0" / "eval-oracle", 60.0)
+    for seed, (none, flip) in enumerate([(30.0, 32.0), (34.0, 40.0)]):
+        _metrics(tmp_path / f"seed{seed}" / "eval-none", none)
+        _metrics(tmp_path / f"seed{seed}" / "eval-flip", flip)
+    columns, rows, raw = methods_quality.collect(study)
+    assert columns == ["model", "seeds", "mIoU", "gap %", "road", "sky"]
+    by_name = {r[0]: r for r in rows}
+    assert list(by_name) == ["warmup", "none", "flip", "oracle"]
+    # flip: 32 and 40 -> 36 ± 5.7; gap shares 30 % and 50 % of the 40-point gap
+    assert by_name["flip"][1:4] == ["2", "36.0 ± 5.7", "40.0 ± 14.1"]
+    assert raw["none"]["gap_share"] == [25.0, 35.0]
