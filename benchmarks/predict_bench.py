@@ -52,20 +52,23 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
+from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+import pixcli  # noqa: E402
 from benchmarks.common import add_common_options, report, table  # noqa: E402
-from pixcli.artifacts import save_checkpoint  # noqa: E402
+from pixcli.artifacts import atomic_write, save_checkpoint, save_label_png  # noqa: E402
 from pixcli.data.benchmark import BenchmarkConfig, make_benchmark  # noqa: E402
-from pixcli.data.image_files import read_image  # noqa: E402
+from pixcli.data.image_files import ImageFile, read_image  # noqa: E402
 from pixcli.data.taxonomy import CITYSCAPES  # noqa: E402
 from pixcli.data.transforms import normalize  # noqa: E402
 from pixcli.engine.inference import upsampled_logits  # noqa: E402
 from pixcli.models import SegmentorConfig, build_segmentor  # noqa: E402
 from pixcli.models.checkpoint import segmentor_from_checkpoint  # noqa: E402
-from pixcli.predictor import class_ids  # noqa: E402
+from pixcli.predictor import Predictor, blend, class_ids  # noqa: E402
 from stages import predict  # noqa: E402
 from stages.demo import demo_warmup  # noqa: E402
 
@@ -136,6 +139,43 @@ def interleaved(
     return pairs
 
 
+def _write_before(predictor: Predictor, image: np.ndarray, label: np.ndarray, out: Path) -> None:
+    """One image's three files as predict wrote them before 55f77ac: fsynced atomic writes,
+    PNGs at PIL's default zlib level 6."""
+    colors = predictor.colorize(label)
+    for name, array, fmt, options in (("color.png", colors, "PNG", {}),
+                                      ("overlay.jpg", blend(image, colors, 0.5), "JPEG",
+                                       {"quality": 90})):  # fmt: skip
+        pil = Image.fromarray(array)
+        atomic_write(out / name, lambda tmp, p=pil, f=fmt, o=options: p.save(tmp, format=f, **o))
+    save_label_png(out / "label.png", label, predictor.palette_table())
+
+
+def writing_cpu_ms(ckpt: Path, image_path: Path, tmp: Path, rounds: int) -> tuple[float, float]:
+    """CPU ms to write one image's label, colour and overlay files, before 55f77ac and now
+    (:func:`stages.predict.write_outputs`): medians over ``rounds`` interleaved rounds of 20
+    images each (the model's class ids of one benchmark image)."""
+    predictor = pixcli.load(ckpt, device="cpu")
+    image = read_image(image_path)
+    label = predictor.predict(image)
+    cfg = predict.PredictConfig()
+    times: dict[str, list[float]] = {"before": [], "now": []}
+    for r in range(rounds):
+        for kind in ("before", "now"):
+            cpu = time.process_time()
+            for i in range(20):
+                out = tmp / f"write-{kind}-{r}-{i}"
+                out.mkdir(parents=True)
+                if kind == "before":
+                    _write_before(predictor, image, label, out)
+                else:
+                    item = ImageFile(image_path, f"write-{kind}-{r}-{i}/x")
+                    paths = predict.output_paths(tmp, item, cfg)
+                    predict.write_outputs(predictor, image, {"label": label}, paths, 0.5)
+            times[kind].append(1000 * (time.process_time() - cpu) / 20)
+    return statistics.median(times["before"]), statistics.median(times["now"])
+
+
 def help_seconds(runs: int, before: bool = False) -> float:
     """Median wall time of ``python -m pixcli --help``; ``before``: with the training loop
     (and so torch) imported first, as ``pixcli/cli.py`` did before issue 18."""
@@ -178,6 +218,7 @@ def main() -> None:
         images = sorted((bench / "target" / "leftImg8bit" / "val").rglob("*.png"))
         ckpt = checkpoint(Path(tmp) / "model.pt", model_cfg)
         pairs = interleaved(ckpt, images, Path(tmp), rounds)
+        write_before, write_now = writing_cpu_ms(ckpt, images[0], Path(tmp), rounds)
     runs = 2 if args.quick else 5
     help_now, help_before = help_seconds(runs), help_seconds(runs, before=True)
     overheads = sorted(100 * (b.images_per_s / p.images_per_s - 1) for b, p in pairs)
@@ -193,6 +234,8 @@ def main() -> None:
          f"{statistics.median(overheads):.1f}%, {overheads[0]:.1f}% to {overheads[-1]:.1f}%"],
         ["predict's extra CPU time per image: median, range of rounds",
          f"{statistics.median(cpu):.1f}%, {cpu[0]:.1f}% to {cpu[-1]:.1f}%"],
+        ["writing one image's 3 files, CPU ms: fsync + zlib 6 (before 55f77ac) / now",
+         f"{write_before:.2f} / {write_now:.2f}"],
     ]  # fmt: skip
     latency = [
         ["pixcli --help, now (median wall time)", f"{help_now:.3f} s"],
