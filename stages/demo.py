@@ -69,6 +69,7 @@ def demo_adapt() -> adapt.AdaptConfig:
             rare_class_sampling=True,
             teacher_norm="batch",
             student_norm_from="unlabelled",
+            target_colour_stats=1.0,
         ),
         # CPSL at the demo's lr (50x the paper's): lambda_2 = 0.1 keeps lr * lambda_2 at the
         # paper's 5e-4 (see CPSLConfig.lambda_reg); a 16,384-row bank (the last 8 steps' samples,
