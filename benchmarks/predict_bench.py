@@ -27,6 +27,12 @@
   Measured at commit 0913188 (before), ``python -X importtime -c "import pixcli.cli"``:
   1.71 s, of which torch 1.62 s; ``time pixcli --help``: 2.8 s on a busy 2-core machine.
 
+Measured at commit d174e15 on an idle machine (load 0.9-1.3, ``OMP_WAIT_POLICY=passive``):
+bare 8.97 img/s and 206 CPU ms per image, predict 8.42 img/s and 218 CPU ms; overhead 6.5%
+(rounds 6.2% to 6.9%), extra CPU 6.1%; writing one image's files 5.72 CPU ms before 55f77ac
+(fsyncs, zlib 6), 4.51 now. That machine's forward was about 4x slower than the one below,
+so the same extra milliseconds are a smaller share.
+
 Measured at commit 5ecded4 (``OMP_WAIT_POLICY=passive python benchmarks/predict_bench.py``,
 the demo model with the hypercolumn ``stage_dim`` 64, the machine shared with three or four
 trainings, load average 4.3-5.4): bare 12.07 img/s and 49 CPU ms per image, predict 9.81
