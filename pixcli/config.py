@@ -102,6 +102,7 @@ RANGES: dict[str, Check] = {
     "window_batch": _POSITIVE_INT,
     "adversarial.weight": _NON_NEGATIVE,
     "adversarial.lr": _POSITIVE,
+    "self_training.target_colour_stats": _UNIT,  # a share of the labelled images
 }
 
 

@@ -223,6 +223,16 @@ CASES: list[tuple[str, Build, str]] = [
     ("log_every 0", lambda c: warmup_args(c, "--set", "loop.log_every=0"), "'loop.log_every'"),
     ("seed -1", lambda c: warmup_args(c, "--seed", "-1"), "'seed' must be 0 or more"),
     (
+        "colour share 1.5",
+        lambda c: adapt_args(c, "--set", "self_training.target_colour_stats=1.5"),
+        "'self_training.target_colour_stats' must be",
+    ),
+    (
+        "pseudo weighting",
+        lambda c: adapt_args(c, "--set", "self_training.pseudo_weighting=soft"),
+        "self_training.pseudo_weighting 'soft': expected one of image, pixel",
+    ),
+    (
         "ignore_below 1.5",
         lambda c: [
             "pseudolabel",
