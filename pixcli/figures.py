@@ -146,3 +146,57 @@ def confusion_png(confusion: Sequence[Sequence[float]], classes: Sequence[str]) 
         )
     fig.tight_layout()
     return _png(fig)
+
+
+PANEL_SIZE = (520, 400)  # pixels of one benchmark's panel in :func:`comparison_png`
+
+
+def comparison_bars(
+    runs: dict[str, Sequence[float]], bounds: tuple[str, str] = ("warmup", "oracle")
+) -> list[tuple[str, float, float, list[float]]]:
+    """The bars of one panel: ``(model, mean, std, per-run values)`` for every model of
+    ``runs`` with at least one run, in order, leaving out the two ``bounds`` (drawn as lines).
+    The std is the sample one (0 for a single run), as the quality tables give it."""
+    bars = []
+    for name, values in runs.items():
+        if name in bounds or not values:
+            continue
+        v = np.asarray(values, dtype=np.float64)
+        std = float(v.std(ddof=1)) if len(v) > 1 else 0.0
+        bars.append((name, float(v.mean()), std, [float(x) for x in v]))
+    return bars
+
+
+def comparison_png(
+    panels: Sequence[tuple[str, dict[str, Sequence[float]]]],
+    bounds: tuple[str, str] = ("warmup", "oracle"),
+) -> bytes:
+    """Models compared over seeds, one panel per benchmark side by side: a bar per model at
+    its mean mIoU with a +-std whisker and a dot per run, and the ``bounds`` models (the
+    source-only warm-up and the oracle) as dashed lines across the panel. ``panels`` are
+    ``(title, {model: per-seed mIoU})``; the PNG is ``len(panels)`` x :data:`PANEL_SIZE`."""
+    if not panels:
+        raise ValueError("comparison_png: no panels to draw")
+    plt = _pyplot()
+    width, height = PANEL_SIZE
+    fig, axes = plt.subplots(
+        1, len(panels), figsize=(width * len(panels) / DPI, height / DPI), dpi=DPI, squeeze=False
+    )
+    for ax, (title, runs) in zip(axes[0], panels, strict=True):
+        bars = comparison_bars(runs, bounds)
+        x = np.arange(len(bars))
+        ax.bar(x, [b[1] for b in bars], yerr=[b[2] for b in bars], capsize=4, color="#9ecae1")
+        for i, (_, _, _, values) in enumerate(bars):
+            ax.plot([i] * len(values), values, "o", color="#08519c", markersize=3)
+        for name, style in zip(bounds, ("--", ":"), strict=True):
+            if runs.get(name):
+                level = float(np.mean(runs[name]))
+                ax.axhline(level, linestyle=style, color="black", linewidth=1)
+                ax.text(len(bars) - 0.5, level, f" {name} {level:.1f}", va="bottom", ha="right",
+                        fontsize=7)  # fmt: skip
+        ax.set_xticks(x, labels=[b[0] for b in bars], rotation=30, ha="right", fontsize=8)
+        ax.set_ylabel("mIoU")
+        ax.set_title(title, fontsize=9)
+        ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    return _png(fig)

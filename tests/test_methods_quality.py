@@ -52,3 +52,36 @@ def test_the_table_has_a_row_per_variant_with_its_gap_share(study, tmp_path: Pat
     # flip: 32 and 40 -> 36 ± 5.7; gap shares 30 % and 50 % of the 40-point gap
     assert by_name["flip"][1:4] == ["2", "36.0 ± 5.7", "40.0 ± 14.1"]
     assert raw["none"]["gap_share"] == [25.0, 35.0]
+
+
+def test_the_comparison_bars_are_the_tables_mean_and_std():
+    from pixcli.figures import comparison_bars
+
+    runs = {"warmup": [20.0], "none": [30.0, 34.0], "flip": [], "cpsl": [33.0], "oracle": [60.0]}
+    bars = comparison_bars(runs)
+    assert [b[0] for b in bars] == ["none", "cpsl"]  # bounds and models without runs left out
+    name, mean, std, values = bars[0]
+    assert (mean, round(std, 3), values) == (32.0, 2.828, [30.0, 34.0])  # sample std: sqrt(8)
+    assert bars[1][1:3] == (33.0, 0.0)
+
+
+def test_the_figure_has_a_panel_per_study(study, tmp_path: Path):
+    from PIL import Image
+
+    from benchmarks import methods_figure
+    from pixcli.figures import PANEL_SIZE
+
+    for seed, value in enumerate([30.0, 34.0]):
+        _metrics(tmp_path / f"seed{seed}" / "eval-none", value)
+    _metrics(tmp_path / "seed0" / "eval-warmup", 20.0)
+    _metrics(tmp_path / "seed0" / "eval-oracle", 60.0)
+    _, _, raw = methods_quality.collect(study)
+    (tmp_path / "quality.json").write_text(json.dumps(raw))
+    out = tmp_path / "methods.png"
+    methods_figure.main([str(tmp_path), str(tmp_path), "--out", str(out), "--titles", "a,b"])
+    image = Image.open(out)
+    assert image.size == (2 * PANEL_SIZE[0], PANEL_SIZE[1])
+    with pytest.raises(SystemExit, match="1 titles for 2 work directories"):
+        methods_figure.main([str(tmp_path), str(tmp_path), "--out", str(out), "--titles", "a"])
+    with pytest.raises(SystemExit, match="quality.json: missing"):
+        methods_figure.main([str(tmp_path / "nothing"), "--out", str(out)])
