@@ -47,12 +47,18 @@ FRACTIONS = (0.0333, 0.0625, 0.125)  # 1/30, 1/16, 1/8 (10, 19 and 38 of 300 ima
 RECIPE = EXAMPLES / "semi_varied.toml"
 WARMUP_RECIPE = EXAMPLES / "semi_varied_warmup.toml"
 LABELLED_ONLY, UPPER = "labelled-only", "all labelled"
-# The README's rows: the methods with examples/semi_varied.toml, and two variants (--set on top)
+# The README's rows: the methods with examples/semi_varied.toml, and variants (--set on top)
+COLOUR = "self_training.target_colour_stats=1.0"
 VARIANTS: dict[str, tuple[str, list[str]]] = {
     "ipixmatch-paper": ("ipixmatch", ["--set", "ipixmatch.alpha=1"]),  # the paper's alpha
     "pixl-full-res": ("pixl", ["--set", "pixl.lr_scale=1.0"]),  # X^L not downscaled
+    # the labelled crops recoloured to an unlabelled image's channel statistics
+    "colour": ("none", ["--set", COLOUR]),
+    "ipixmatch-colour": ("ipixmatch", ["--set", COLOUR]),
+    "pixl-full-res-colour": ("pixl", ["--set", "pixl.lr_scale=1.0", "--set", COLOUR]),
 }
-MODELS = ("none", "ipixmatch", "ipixmatch-paper", "pixl", "pixl-full-res")
+MODELS = ("none", "ipixmatch", "ipixmatch-paper", "pixl", "pixl-full-res", "colour",
+          "ipixmatch-colour", "pixl-full-res-colour")  # fmt: skip
 
 
 def arguments() -> argparse.Namespace:

@@ -63,3 +63,18 @@ def test_split_names_and_variants():
         "ipix-a1": ("ipixmatch", ["--set", "ipixmatch.alpha=1", "--set", "ipixmatch.tau=0.9"]),
         "plain": ("none", []),
     }
+
+
+def test_the_colour_rows_run_their_method_with_recoloured_labelled_crops(
+    study: semi_quality.SemiStudy, monkeypatch: pytest.MonkeyPatch
+):
+    commands: list[list[str]] = []
+    monkeypatch.setattr(study, "run", lambda cmd, log: commands.append(cmd))
+    study.adapt_run(2, 0.0333, "ipixmatch-colour")
+    adapt = commands[0]
+    assert adapt[adapt.index("--method") + 1] == "ipixmatch"
+    assert "self_training.target_colour_stats=1.0" in adapt
+    assert adapt[adapt.index("--out") + 1].endswith("seed2/1_30-ipixmatch-colour")
+    commands.clear()
+    study.adapt_run(0, 0.0333, "labelled-only")  # no unlabelled stream: nothing to recolour to
+    assert "self_training.target_colour_stats=1.0" not in commands[0]
