@@ -14,6 +14,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import NoReturn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -28,15 +29,21 @@ def arguments(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def fail(message: str) -> NoReturn:
+    """Bad input: one line on stderr and exit code 2, as pixcli's commands do."""
+    print(message, file=sys.stderr)
+    raise SystemExit(2)
+
+
 def panels(works: list[Path], titles: list[str]) -> list[tuple[str, dict[str, list[float]]]]:
     """``(title, {model: per-seed mIoU})`` of each work directory's ``quality.json``."""
     if titles and len(titles) != len(works):
-        raise SystemExit(f"--titles: {len(titles)} titles for {len(works)} work directories")
+        fail(f"--titles: {len(titles)} titles for {len(works)} work directories")
     out = []
     for i, work in enumerate(works):
         path = work / "quality.json"
         if not path.is_file():
-            raise SystemExit(f"{path}: missing; run methods_quality.py --table-only --work {work}")
+            fail(f"{path}: missing; run methods_quality.py --table-only --work {work}")
         raw = json.loads(path.read_text())
         out.append((titles[i] if titles else work.name, {m: r["mIoU"] for m, r in raw.items()}))
     return out
