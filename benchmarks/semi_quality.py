@@ -10,7 +10,8 @@ labelled-only-to-upper-bound gap closed, per-class IoU.
     python benchmarks/semi_quality.py --quick                   # tiny: it runs
 
 The benchmark is ``pixcli make-benchmark --style varied --size 128x64`` (its target: five
-scene types per image, small objects). Each run is an ordinary ``pixcli`` command writing
+scene types per image, small objects); ``--style dusk --bench-seed 1`` is the second benchmark
+a recipe change is checked on. Each run is an ordinary ``pixcli`` command writing
 into ``--work`` (one at a time, one thread), so an interrupted study resumes and a finished one
 only prints its tables. Phase 1, the curve (seed 0): ``pixcli warmup`` on 1/30, 1/16, 1/8 of
 the target's train images and on all of them (``examples/semi_varied_warmup.toml``). Phase 2,
@@ -65,6 +66,8 @@ def arguments() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--seeds", type=int, default=3, help="training seeds 0..N-1")
     p.add_argument("--bench-seed", type=int, default=0, help="make-benchmark --seed")
+    p.add_argument("--style", default="varied", help="make-benchmark --style (varied: the "
+                   "label-limited one; another checks a recipe on a second benchmark)")  # fmt: skip
     p.add_argument("--splits", default="", help="labelled fractions to study (default: the "
                    "curve's fractions whose gap is >= --min-gap)")  # fmt: skip
     p.add_argument("--min-gap", type=float, default=6.0, help="mIoU, all-labelled - labelled")
@@ -78,7 +81,7 @@ def arguments() -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="tiny benchmark and budgets")
     p.add_argument("--json", action="store_true", help="also print the tables as JSON")
     a = p.parse_args()
-    a.style, a.jobs, a.threads, a.methods = "varied", 1, 1, ""
+    a.jobs, a.threads, a.methods = 1, 1, ""
     a.work = a.work or ROOT / "runs" / f"semi-quality-{a.bench_seed}"
     return a
 
@@ -103,7 +106,7 @@ class SemiStudy(Study):
         if meta.is_file() and json.loads(meta.read_text()).get("complete"):
             return
         cmd = [*PIXCLI, "make-benchmark", str(self.bench), "--seed", str(self.a.bench_seed),
-               "--style", "varied", "--size", "128x64", "--n-source", "1"]  # fmt: skip
+               "--style", self.a.style, "--size", "128x64", "--n-source", "1"]  # fmt: skip
         if self.a.quick:
             cmd += ["--n-target-train", "30", "--n-target-val", "4"]
         self.run(cmd, self.work / "make-benchmark.log")

@@ -78,3 +78,16 @@ def test_the_colour_rows_run_their_method_with_recoloured_labelled_crops(
     commands.clear()
     study.adapt_run(0, 0.0333, "labelled-only")  # no unlabelled stream: nothing to recolour to
     assert "self_training.target_colour_stats=1.0" not in commands[0]
+
+
+def test_style_reaches_make_benchmark(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setattr(sys, "argv", ["semi_quality.py", "--work", str(tmp_path), "--style", "dusk",
+                                      "--bench-seed", "1"])  # fmt: skip
+    study = semi_quality.SemiStudy(semi_quality.arguments())
+    commands: list[list[str]] = []
+    monkeypatch.setattr(study, "run", lambda cmd, log: commands.append(cmd))
+    study.prepare()
+    (cmd,) = commands
+    assert cmd[cmd.index("--style") + 1] == "dusk"
+    assert cmd[cmd.index("--seed") + 1] == "1"
+    assert cmd[cmd.index("make-benchmark") + 1] == str(tmp_path / "benchmark")
