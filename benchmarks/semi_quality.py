@@ -243,7 +243,7 @@ def main() -> None:
         study.prepare()
         study.all_runs()
     curve = ["labelled", "images", "labelled-only mIoU", "all-labelled mIoU", "gap"]
-    text = (f"labelled-only against all-labelled, the varied benchmark (seed {a.bench_seed}), "
+    text = (f"labelled-only against all-labelled, the {a.style} benchmark (seed {a.bench_seed}), "
             f"warm-up {study.warm_it} iterations, seed 0\n\n")  # fmt: skip
     text += markdown(curve, curve_rows(study))
     tables = {"curve": {"columns": curve, "rows": curve_rows(study)}}
