@@ -25,6 +25,19 @@ def test_help_lists_the_stages():
         assert name in result.output
 
 
+def test_command_help_rewraps_its_docstring_to_the_terminal(monkeypatch: pytest.MonkeyPatch):
+    # The docstring's own line breaks (at ~90 characters) used to be kept, so an 80-column
+    # terminal showed each one as a full line and a stub ("DAFormer's" alone on a line).
+    monkeypatch.setenv("COLUMNS", "80")
+    result = _run("adapt", "--help")
+    assert result.exit_code == 0
+    text = result.output.split("Options")[0]
+    lines = [line.strip() for line in text.splitlines()]
+    ragged = [a for a, b in zip(lines, lines[1:], strict=False) if a and b and len(a) < 50]
+    assert ragged == []
+    assert "pixl DAFormer's (AdamW 6e-5," in " ".join(lines)
+
+
 def test_python_dash_m_works():
     done = subprocess.run(
         [sys.executable, "-m", "pixcli", "warmup", "--help"], capture_output=True, text=True
