@@ -79,12 +79,15 @@ def arguments() -> argparse.Namespace:
     p.add_argument("--table-only", action="store_true", help="print what --work holds; run nothing")
     p.add_argument("--warmup-iterations", type=int, default=None, help="default: the recipe's")
     p.add_argument("--adapt-iterations", type=int, default=None, help="default: the recipe's")
-    p.add_argument("--work", type=Path, default=None, help="default: runs/semi-quality-SEED")
+    p.add_argument("--work", type=Path, default=None,
+                   help="default: runs/semi-quality-SEED (another style: -STYLE-SEED)")  # fmt: skip
     p.add_argument("--quick", action="store_true", help="tiny benchmark and budgets")
     p.add_argument("--json", action="store_true", help="also print the tables as JSON")
     a = p.parse_args()
     a.jobs, a.threads, a.methods = 1, 1, ""
-    a.work = a.work or ROOT / "runs" / f"semi-quality-{a.bench_seed}"
+    # another style's study in its own directory: prepare() keeps a finished benchmark
+    style = "" if a.style == "varied" else f"{a.style}-"
+    a.work = a.work or ROOT / "runs" / f"semi-quality-{style}{a.bench_seed}"
     return a
 
 

@@ -91,3 +91,10 @@ def test_style_reaches_make_benchmark(tmp_path: Path, monkeypatch: pytest.Monkey
     assert cmd[cmd.index("--style") + 1] == "dusk"
     assert cmd[cmd.index("--seed") + 1] == "1"
     assert cmd[cmd.index("make-benchmark") + 1] == str(tmp_path / "benchmark")
+
+
+def test_another_style_gets_its_own_default_work_directory(monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setattr(sys, "argv", ["semi_quality.py", "--style", "dusk", "--bench-seed", "1"])
+    assert semi_quality.arguments().work.name == "semi-quality-dusk-1"
+    monkeypatch.setattr(sys, "argv", ["semi_quality.py", "--bench-seed", "1"])
+    assert semi_quality.arguments().work.name == "semi-quality-1"
