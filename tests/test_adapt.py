@@ -14,18 +14,25 @@ from pixcli.artifacts import load_checkpoint
 from pixcli.data.mixing import classmix_masks, match_colour_statistics, mix
 from pixcli.data.readers import open_dataset
 from pixcli.data.splits import split_labelled
+from pixcli.data.taxonomy import IGNORE_INDEX
+from pixcli.data.training_set import geometry_to_tensor
+from pixcli.data.transforms import CropGeometry
 from pixcli.engine.self_training import (
     SelfTrainingConfig,
     flip_averaged,
     weak_view_pseudo_labels,
 )
 from pixcli.errors import UserError
+from pixcli.losses.cpsl import CPSLConfig
 from pixcli.losses.self_training import (
     ema_momentum,
     ema_update,
     pseudo_labels_and_weights,
     weighted_cross_entropy,
 )
+from pixcli.methods import METHODS, MethodSetup, StepContext
+from pixcli.models import SegOutput
+from pixcli.pseudo_labels import PseudoLabelFile
 from stages import adapt, warmup
 
 
@@ -369,3 +376,34 @@ def test_adapt_cpsl_runs_all_terms_and_fills_the_bank(
 def test_adapt_cpsl_without_pseudo_file_is_refused(tiny_bench: Path, warm: Path, tmp_path: Path):
     with pytest.raises(UserError, match="needs --pseudo"):
         adapt.run(_cfg(tiny_bench, method="cpsl"), warm, tmp_path / "c")
+
+
+def test_cpsl_pseudo_labels_from_the_file_or_the_online_teacher(tiny_bench: Path, pseudo: Path):
+    target = open_dataset(f"cityscapes:{tiny_bench / 'target'}", "train")
+    dim = PseudoLabelFile(pseudo).prototypes.shape[1]
+    setup = MethodSetup(num_classes=19, feature_dim=dim, device=torch.device("cpu"),
+                        unlabelled=target, pseudo=pseudo)  # fmt: skip
+    teacher = torch.zeros(1, 19, 8, 8)
+    teacher[:, 7, :, :4], teacher[:, 2, :, 4:] = 9.0, 9.0  # the teacher: left 7, right 2
+    weight = torch.full((1, 8, 8), 0.25)  # the loop's confidence weight
+
+    def labels_of(source: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        cfg = CPSLConfig(pseudo_labels=source, self_labeling=False)  # P_SL = 1: argmax P_ST
+        method = METHODS["cpsl"](setup, cfg)
+        ctx = StepContext(
+            step=0, labelled_image=torch.zeros(1, 3, 8, 8), labelled_label=torch.zeros(1, 8, 8),
+            unlabelled_image=torch.zeros(1, 3, 8, 8), unlabelled_index=torch.tensor([0]),
+            unlabelled_geometry=geometry_to_tensor(CropGeometry((8, 8), 0, 0, (8, 8), False))[None],
+            teacher_logits=teacher, pseudo_weight=weight,
+            teacher_output=SegOutput(logits=teacher, features=torch.zeros(1, dim, 2, 2)),
+        )  # fmt: skip
+        return (*method.target_labels(ctx), method.soft_labels.crops(ctx))
+
+    labels, weights, file_probs = labels_of("teacher")
+    assert torch.all(labels[0, :, :4] == 7) and torch.all(labels[0, :, 4:] == 2)
+    assert torch.equal(weights, weight)
+    labels, weights, file_probs = labels_of("file")
+    assert torch.equal(labels, file_probs.argmax(1)) and torch.all(weights == 1)
+    assert not torch.any(labels == IGNORE_INDEX)
+    with pytest.raises(UserError, match="cpsl.pseudo_labels 'online': expected 'file' or"):
+        CPSLConfig(pseudo_labels="online")

@@ -76,6 +76,13 @@ class CPSLConfig:
     # max_iterations; tolerance 0 always runs max_iterations.
     sinkhorn_max_iterations: int = DEFAULT_MAX_ITERATIONS
     sinkhorn_tolerance: float = DEFAULT_TOLERANCE
+    # Where P_ST of Eq. 1 comes from. "file" (the paper, Sec. 3.1): the offline soft labels
+    # of pseudo.h5, made once by the warm-up model, with weight 1 per pixel (Eq. 2).
+    # "teacher" (a pixcli option): the EMA teacher's softmax on the weak view, every step,
+    # with the loop's confidence weights (as `--method none`); pseudo.h5 still gives the
+    # prototypes of Eq. 7 and delta_pseudo's start. Choice made for small budgets where the
+    # online teacher soon outgrows the warm-up: see examples/demo_adapt.toml.
+    pseudo_labels: str = "file"
     # Table 3 ablations.
     self_labeling: bool = True  # False = "w/o SL": no f_SL, no L_SL, targets argmax P_ST
     self_training: bool = True  # False = "w/o ST": targets argmax P_SL (P_ST unused)
@@ -92,6 +99,10 @@ class CPSLConfig:
         for name in ("momentum", "distribution_momentum"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise UserError(f"cpsl.{name} must be in [0, 1], got {getattr(self, name)}")
+        if self.pseudo_labels not in ("file", "teacher"):
+            raise UserError(
+                f"cpsl.pseudo_labels {self.pseudo_labels!r}: expected 'file' or 'teacher'"
+            )
         if self.sinkhorn_max_iterations < 1 or self.sinkhorn_tolerance < 0:
             raise UserError("cpsl.sinkhorn_max_iterations must be >= 1 and the tolerance >= 0")
 

@@ -4,7 +4,8 @@ self-training loop. The maths lives in ``pixcli.losses.cpsl``; this module wires
 - f_SL, a cosine classifier initialised with the L2-normalised prototypes of ``pseudo.h5``
   (Weight Initialization, Eq. 7), and its momentum copy f'_SL (momentum 0.999, Sec. 4.1).
 - Target labels (Eq. 1): ``argmax(P_SL * P_ST)``; P_ST is the soft label of ``pseudo.h5``
-  cut to the training crop (``PseudoLabelFile.soft_crop`` with the crop's geometry); P_SL is
+  cut to the training crop (``PseudoLabelFile.soft_crop`` with the crop's geometry), or with
+  ``cpsl.pseudo_labels = "teacher"`` the EMA teacher's weak-view softmax; P_SL is
   f'_SL on the teacher's (f'_SEG's) features of the weak view, upsampled bilinearly to the
   crop. Pixels outside the image (padding) are ignored. CPSL trains on these labels with a
   plain cross-entropy (Eq. 2): the loop's confidence weights are replaced by 1.
@@ -90,6 +91,10 @@ class CPSL(Method):
         assert ctx.teacher_output is not None and ctx.unlabelled_image is not None
         p_st = self.soft_labels.crops(ctx)  # P_ST cut to the training crops
         padded = p_st.sum(dim=1) == 0
+        online = self.cfg.pseudo_labels == "teacher"
+        if online:
+            assert ctx.teacher_logits is not None and ctx.pseudo_weight is not None
+            p_st = ctx.teacher_logits.float().softmax(1).masked_fill(padded[:, None], 0.0)
         features = ctx.teacher_output.features
         p_sl = soft_cluster_assignment(self.momentum_head, features.float(), self.cfg.tau)
         p_sl = F.interpolate(p_sl, size=p_st.shape[-2:], mode="bilinear", align_corners=False)
@@ -102,6 +107,8 @@ class CPSL(Method):
             (labels != (p_st.argmax(1)).masked_fill(padded, IGNORE_INDEX)).float().mean()
         )
         ctx.scratch["rectified"] = labels
+        if online:
+            return labels, ctx.pseudo_weight.masked_fill(padded, 0.0)
         return labels, torch.ones_like(labels, dtype=torch.float32)
 
     def losses(self, ctx: StepContext) -> dict[str, Tensor]:
