@@ -6,6 +6,8 @@ source-to-oracle gap, per-class IoU, against the plain reference (issue 17).
     python benchmarks/methods_quality.py --seeds 3 --methods none,cpsl --jobs 2
     python benchmarks/methods_quality.py --seeds 3 --methods none,flip \
         --variant flip:none:self_training.teacher_flip=true     # a recipe change against none
+    python benchmarks/methods_quality.py --seeds 3 --methods none,cpsl \
+        --distill-variant colour:self_training.target_colour_stats=1.0  # row cpsl+distill-colour
     python benchmarks/methods_quality.py --quick                            # tiny: it runs
 
 Each run is an ordinary ``pixcli`` command (the example recipes ``examples/demo.toml``,
@@ -47,6 +49,9 @@ def arguments() -> argparse.Namespace:
     p.add_argument("--variant", action="append", default=[],
                    help="NAME:METHOD:key=value,key=value, a model of --methods: the method "
                         "with these --set on top of the recipe")  # fmt: skip
+    p.add_argument("--distill-variant", action="append", default=[],
+                   help="NAME:key=value,key=value, one more distillation round of the cpsl "
+                        "model with these --set (the row cpsl+distill-NAME)")  # fmt: skip
     p.add_argument("--no-distill", action="store_true", help="skip the distillation round")
     p.add_argument("--no-plain", action="store_true", help="skip the plain reference runs")
     p.add_argument("--table-only", action="store_true", help="print what --work holds; run nothing")
@@ -65,9 +70,24 @@ def parse_variants(specs: list[str]) -> dict[str, tuple[str, list[str]]]:
     out = {}
     for spec in specs:
         name, method, *rest = spec.split(":", 2)
-        sets = [s for kv in (rest[0].split(",") if rest else []) for s in ("--set", kv)]
-        out[name] = (method, sets)
+        out[name] = (method, set_options(rest[0] if rest else ""))
     return out
+
+
+def parse_distill_variants(specs: list[str]) -> dict[str, list[str]]:
+    """``NAME:k=v,k=v`` -> {NAME: ["--set", "k=v", ...]}."""
+    out = {}
+    for spec in specs:
+        name, _, sets = spec.partition(":")
+        if not name or not sets:
+            raise SystemExit(f"--distill-variant {spec!r}: expected NAME:key=value,...")
+        out[name] = set_options(sets)
+    return out
+
+
+def set_options(pairs: str) -> list[str]:
+    """``k=v,k=v`` -> ``["--set", "k=v", "--set", "k=v"]``."""
+    return [s for kv in pairs.split(",") if kv for s in ("--set", kv)]
 
 
 def recipe_iterations(toml: Path) -> int:
@@ -87,6 +107,7 @@ class Study:
         self.target = f"cityscapes:{self.bench / 'target'}"
         self.methods = [m for m in a.methods.split(",") if m]
         self.variants = parse_variants(getattr(a, "variant", []))
+        self.distill_variants = parse_distill_variants(getattr(a, "distill_variant", []))
         self.warm_it = a.warmup_iterations or recipe_iterations(EXAMPLES / "demo.toml")
         self.adapt_it = a.adapt_iterations or recipe_iterations(EXAMPLES / "demo_adapt.toml")
         self.env = {**os.environ, "OMP_NUM_THREADS": str(a.threads)}
@@ -143,13 +164,19 @@ class Study:
         """``adapt --method`` from the warm-up; for cpsl also its distillation round."""
         model = self.adapt(seed, method, warm, pseudo)
         if method == "cpsl" and not self.a.no_distill:
-            out = self.seed_dir(seed) / "distill-cpsl"
-            cmd = [*PIXCLI, "distill", "--config", str(EXAMPLES / "demo_distill.toml"),
-                   "--teacher", str(model), "--source", self.source, "--target",
-                   self.target, "--out", str(out), "--seed", str(seed), "--iterations",
-                   str(self.adapt_it)]  # fmt: skip
-            self.run([*cmd, *self.common], out.with_suffix(".log"))
-            self.evaluate(out / "model.pt", self.seed_dir(seed) / "eval-cpsl+distill")
+            self.distill(seed, model, "", [])
+            for name, sets in self.distill_variants.items():
+                self.distill(seed, model, f"-{name}", sets)
+
+    def distill(self, seed: int, teacher: Path, suffix: str, sets: list[str]) -> None:
+        """One distillation round of ``teacher``, evaluated as ``cpsl+distill{suffix}``."""
+        out = self.seed_dir(seed) / f"distill-cpsl{suffix}"
+        cmd = [*PIXCLI, "distill", "--config", str(EXAMPLES / "demo_distill.toml"),
+               "--teacher", str(teacher), "--source", self.source, "--target",
+               self.target, "--out", str(out), "--seed", str(seed), "--iterations",
+               str(self.adapt_it)]  # fmt: skip
+        self.run([*cmd, *sets, *self.common], out.with_suffix(".log"))
+        self.evaluate(out / "model.pt", self.seed_dir(seed) / f"eval-cpsl+distill{suffix}")
 
     def plain(self, seed: int) -> None:
         out = self.seed_dir(seed) / "plain.json"
@@ -206,6 +233,7 @@ def collect(study: Study) -> tuple[list[str], list[list[str]], dict]:
     names = ["warmup", *study.methods]
     if "cpsl" in study.methods and not study.a.no_distill:
         names.append("cpsl+distill")
+        names += [f"cpsl+distill-{n}" for n in study.distill_variants]
     names.append("oracle")
     per: dict[str, list[dict]] = {n: [] for n in [*names, "plain source-only", "plain oracle",
                                                   "plain self-training"]}  # fmt: skip

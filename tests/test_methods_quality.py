@@ -54,6 +54,35 @@ def test_the_table_has_a_row_per_variant_with_its_gap_share(study, tmp_path: Pat
     assert raw["none"]["gap_share"] == [25.0, 35.0]
 
 
+def test_a_distill_variant_is_one_more_round_of_the_cpsl_model_and_its_row(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    monkeypatch.setattr(sys, "argv", [
+        "methods_quality.py", "--work", str(tmp_path), "--seeds", "1", "--methods", "cpsl",
+        "--distill-variant", "colour:self_training.target_colour_stats=1.0",
+        "--no-plain"])  # fmt: skip
+    study = methods_quality.Study(methods_quality.arguments())
+    commands: list[list[str]] = []
+    monkeypatch.setattr(study, "run", lambda cmd, log: commands.append(cmd))
+    study.method(0, "cpsl", Path("warm.pt"), Path("pseudo.h5"))
+    distills = [c for c in commands if "distill" in c]
+    assert [c[c.index("--out") + 1].split("/")[-1] for c in distills] == [
+        "distill-cpsl", "distill-cpsl-colour"]  # fmt: skip
+    assert "--set" not in distills[0][: distills[0].index("--iterations")]
+    assert distills[1][-4:-2] == ["--set", "self_training.target_colour_stats=1.0"]
+    evals = [c[c.index("--out") + 1].split("/")[-1] for c in commands if "eval" in c]
+    assert evals == ["eval-cpsl", "eval-cpsl+distill", "eval-cpsl+distill-colour"]
+    for name, miou in [("warmup", 20.0), ("oracle", 60.0), ("cpsl", 30.0),
+                       ("cpsl+distill", 32.0), ("cpsl+distill-colour", 34.0)]:  # fmt: skip
+        _metrics(tmp_path / "seed0" / f"eval-{name}", miou)
+    _, rows, _ = methods_quality.collect(study)
+    assert [r[0] for r in rows] == ["warmup", "cpsl", "cpsl+distill", "cpsl+distill-colour",
+                                    "oracle"]  # fmt: skip
+    assert rows[3][2:4] == ["34.0 ± 0.0", "35.0 ± 0.0"]
+    with pytest.raises(SystemExit, match="expected NAME:key=value"):
+        methods_quality.parse_distill_variants(["colour"])
+
+
 def test_the_comparison_bars_are_the_tables_mean_and_std():
     from pixcli.figures import comparison_bars
 
