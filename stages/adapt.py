@@ -160,13 +160,15 @@ def _streams(cfg: AdaptConfig) -> tuple[SegDataset, SegDataset | None]:
 def consistency(cfg: AdaptConfig, method_cls: type[Method] = Method) -> str:
     """The unlabelled step: ``self_training.consistency``, where ``auto`` is UniMatch's for
     ``--setting semi`` and DACS's otherwise, among the steps the method works with
-    (``Method.steps``; PiXL, for one, only DACS's)."""
+    (``Method.steps``), or the method's ``paper_step`` (PiXL: DACS's in every setting)."""
     name = cfg.self_training.consistency
     if name not in CONSISTENCY:
         raise UserError(
             f"self_training.consistency {name!r}: expected one of {', '.join(CONSISTENCY)}"
         )
     if name == "auto":
+        if method_cls.paper_step is not None:
+            return method_cls.paper_step
         name = "unimatch" if cfg.setting == "semi" else "dacs"
         return name if name in method_cls.steps else method_cls.steps[0]
     if name not in method_cls.steps:

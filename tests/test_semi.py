@@ -292,13 +292,42 @@ def test_consistency_follows_the_setting_unless_chosen(tiny_bench: Path, init: P
         adapt.run(cfg, init, Path("/nonexistent/never-written"))
 
 
-def test_pixl_keeps_the_dacs_step_in_semi(tiny_bench: Path):
+def test_pixl_keeps_the_dacs_step_in_semi_unless_unimatch_is_chosen(tiny_bench: Path):
     cfg = _semi(tiny_bench)
     cfg.method = "pixl"
     assert adapt.consistency(cfg, PiXL) == "dacs"
     cfg.self_training.consistency = "unimatch"
+    assert adapt.consistency(cfg, PiXL) == "unimatch"
+
+    class DacsOnly(PiXL):
+        steps = ("dacs",)
+
     with pytest.raises(UserError, match="--method pixl works with self_training.consistency dacs"):
-        adapt.consistency(cfg, PiXL)
+        adapt.consistency(cfg, DacsOnly)
+
+
+def test_adapt_semi_pixl_on_the_unimatch_step(tiny_bench: Path, init: Path, tmp_path: Path):
+    cfg = _semi(tiny_bench)
+    cfg.method = "pixl"
+    cfg.self_training.consistency = "unimatch"
+    cfg.pixl.lr_scale = 0.5  # the student sees X^L of the strong views: 16x16 of 32x32
+    seen: list[tuple[int, ...]] = []
+    original = PiXL.student_input
+
+    def student_input(self: PiXL, image: Tensor) -> Tensor:
+        out = original(self, image)
+        seen.append(tuple(out.shape[-2:]))
+        return out
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(PiXL, "student_input", student_input)
+        manifest = adapt.run(cfg, init, tmp_path / "p")
+    assert manifest["results"]["consistency"] == "unimatch"
+    assert seen and set(seen) == {(16, 16)}  # labelled and both strong views, every step
+    steps = _log(tmp_path / "p")
+    assert len(steps) == 2
+    assert all(e["ce_strong"] > 0 and e["ce_fp"] > 0 and e["ce_high"] > 0 for e in steps)
+    assert all("dpa" in e for e in steps)
 
 
 @pytest.mark.slow

@@ -23,7 +23,9 @@ UniMatch's ``unimatch.py``:
    labels, weight 0.25.
 
 ``ctx.strong_views`` holds each strong view with its cut-mixed teacher logits for the
-method's losses; ``ctx.mixed_image``/``mix_mask``/``student_unlabelled`` are the first view.
+method's losses; ``ctx.mixed_image``/``mixed_label``/``mixed_weight``/``mix_mask``/
+``student_unlabelled`` are the first view. The student sees the method's ``student_input``
+of each strong view (PiXL's X^L); the FP stream sees the weak view itself.
 
 Choices:
 
@@ -127,7 +129,8 @@ class UniMatchStep(SelfTrainingStep):
         self.observe_pseudo_labels(ctx, batch, valid)
         strong_ce = []
         views = [self._cutmix(ctx, partner) for _ in range(2 if self.semi.dual_strong else 1)]
-        student = self.student(torch.cat([image for _, image in views]))
+        student = self.student(self.method.student_input(torch.cat([im for _, im in views])))
+        mixed: list[tuple[Tensor, Tensor]] = []
         for k, (box, image) in enumerate(views):
             out = rows(student, slice(k * n, (k + 1) * n))
             labels = mix(box, partner.pseudo_label, ctx.pseudo_label)
@@ -135,8 +138,10 @@ class UniMatchStep(SelfTrainingStep):
             teacher_logits = mix(box, partner.teacher_logits, ctx.teacher_logits)
             view_valid = mix(box, partner_valid, valid)
             ctx.strong_views.append(StrongView(image, teacher_logits, view_valid, out))
+            mixed.append((labels, weights))
             strong_ce.append(weighted_cross_entropy(full_size(out.logits, image), labels, weights))
         ctx.mix_mask, ctx.mixed_image = views[0]
+        ctx.mixed_label, ctx.mixed_weight = mixed[0]
         ctx.student_unlabelled = ctx.strong_views[0].student
         ce_strong = torch.stack(strong_ce).mean()
         loss = self.semi.strong_weight * ce_strong

@@ -101,6 +101,9 @@ class Method(nn.Module):
     needs_pseudo_file = False
     head_lr_mult = 1.0  # lr of the method's own parameters, relative to the backbone lr
     steps: tuple[str, ...] = ("dacs", "unimatch")  # unlabelled steps it works with, preferred first
+    # the step of the method's paper, which `self_training.consistency = "auto"` takes in
+    # every setting (None: DACS's for UDA, UniMatch's for --setting semi)
+    paper_step: str | None = None
 
     def __init__(self, setup: MethodSetup) -> None:
         super().__init__()

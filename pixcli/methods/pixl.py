@@ -134,7 +134,11 @@ def crop_windows(x: Tensor, boxes: list[tuple[int, int]], size: tuple[int, int])
 
 class PiXL(Method):
     name = "pixl"
-    steps = ("dacs",)  # ClassMix between the two images of a step (A.4.1), semi included
+    # DACS's ClassMix between the two images of a step (A.4.1), semi included: the paper's,
+    # and what `auto` picks. UniMatch's step (`self_training.consistency = "unimatch"`) is a
+    # pixcli option: PiXL's X^L / X^H terms on its first strong view, with its labels.
+    steps = ("dacs", "unimatch")
+    paper_step = "dacs"
 
     def __init__(self, setup: MethodSetup, cfg: PiXLConfig | None = None) -> None:
         super().__init__(setup)
