@@ -53,6 +53,11 @@ COLOUR = "self_training.target_colour_stats=1.0"
 VARIANTS: dict[str, tuple[str, list[str]]] = {
     "ipixmatch-paper": ("ipixmatch", ["--set", "ipixmatch.alpha=1"]),  # the paper's alpha
     "pixl-full-res": ("pixl", ["--set", "pixl.lr_scale=1.0"]),  # X^L not downscaled
+    # the same on UniMatch's step instead of the paper's DACS step (a pixcli option)
+    "pixl-unimatch": (
+        "pixl",
+        ["--set", "pixl.lr_scale=1.0", "--set", "self_training.consistency=unimatch"],
+    ),
     # examples/semi_varied.toml recolours the labelled crops to an unlabelled image's channel
     # statistics (target_colour_stats = 1.0); "no-colour" is the UniMatch step without it, the
     # "-colour" rows name it explicitly (the README's tables of the release that measured it)
