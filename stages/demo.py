@@ -73,8 +73,9 @@ def demo_adapt() -> adapt.AdaptConfig:
         ),
         # CPSL at the demo's lr (50x the paper's): lambda_2 = 0.1 keeps lr * lambda_2 at the
         # paper's 5e-4 (see CPSLConfig.lambda_reg); a 16,384-row bank (the last 8 steps' samples,
-        # the paper's 65,536 is 128 images) keeps Sinkhorn cheap on the CPU.
-        cpsl=CPSLConfig(lambda_reg=0.1, memory_length=16_384),
+        # the paper's 65,536 is 128 images) keeps Sinkhorn cheap on the CPU; P_ST from the
+        # online teacher, not the source-only model's pseudo.h5 (examples/demo_adapt.toml).
+        cpsl=CPSLConfig(lambda_reg=0.1, memory_length=16_384, pseudo_labels="teacher"),
     )
 
 
