@@ -8,7 +8,8 @@ self-training loop. The maths lives in ``pixcli.losses.cpsl``; this module wires
   ``cpsl.pseudo_labels = "teacher"`` the EMA teacher's weak-view softmax; P_SL is
   f'_SL on the teacher's (f'_SEG's) features of the weak view, upsampled bilinearly to the
   crop. Pixels outside the image (padding) are ignored. CPSL trains on these labels with a
-  plain cross-entropy (Eq. 2): the loop's confidence weights are replaced by 1.
+  plain cross-entropy (Eq. 2): the loop's confidence weights are replaced by 1 (with the
+  teacher's P_ST they stay, as for ``--method none``).
 - L_SL (Eq. 4-6, 12): per image, M pixels sampled class-balanced (Eq. 8-9) from the teacher
   features on the feature grid by the rectified labels (nearest-neighbour downsampled); one
   Sinkhorn over the batch's samples and the memory bank with r = delta_pseudo; the samples
@@ -33,6 +34,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from pixcli.data.taxonomy import IGNORE_INDEX
+from pixcli.data.training_set import inside_image
 from pixcli.errors import UserError
 from pixcli.losses.cpsl import (
     CPSLConfig,
@@ -89,12 +91,15 @@ class CPSL(Method):
 
     def target_labels(self, ctx: StepContext) -> tuple[Tensor, Tensor]:
         assert ctx.teacher_output is not None and ctx.unlabelled_image is not None
-        p_st = self.soft_labels.crops(ctx)  # P_ST cut to the training crops
-        padded = p_st.sum(dim=1) == 0
         online = self.cfg.pseudo_labels == "teacher"
-        if online:
+        if online:  # the teacher's P_ST; padding from the crops' geometry, no file read
             assert ctx.teacher_logits is not None and ctx.pseudo_weight is not None
+            assert ctx.unlabelled_geometry is not None
+            padded = ~inside_image(ctx.unlabelled_geometry).to(ctx.teacher_logits.device)
             p_st = ctx.teacher_logits.float().softmax(1).masked_fill(padded[:, None], 0.0)
+        else:
+            p_st = self.soft_labels.crops(ctx)  # P_ST cut to the training crops
+            padded = p_st.sum(dim=1) == 0
         features = ctx.teacher_output.features
         p_sl = soft_cluster_assignment(self.momentum_head, features.float(), self.cfg.tau)
         p_sl = F.interpolate(p_sl, size=p_st.shape[-2:], mode="bilinear", align_corners=False)
