@@ -100,6 +100,9 @@ def curves_png(
         steps, values = _series(log, "pl_mIoU")
         if steps:
             ax_miou.plot(steps, values, "--", color=colour, label=f"{name} pseudo labels")
+        steps, values = _series(log, "pl_teacher_mIoU")  # when the method changed them
+        if steps:
+            ax_miou.plot(steps, values, ":", color=colour, label=f"{name} teacher's labels")
     for ax, title in ((ax_loss, "loss"), (ax_lr, "learning-rate factor"), (ax_miou, "mIoU")):
         ax.set_title(title)
         ax.set_xlabel("step")

@@ -283,8 +283,10 @@ def run(cfg: AdaptConfig, checkpoint: Path, out: Path) -> dict:
     if unlabelled is not None and unlabelled.has_labels:  # a benchmark or an oracle study
         semi = step_kind == "unimatch"
         threshold = cfg.unimatch.confidence_threshold if semi else st.confidence_threshold
-        step.monitor = PseudoLabelMonitor(
-            unlabelled.taxonomy.classes, threshold, window=cfg.loop.log_every
+        classes, window = unlabelled.taxonomy.classes, cfg.loop.log_every
+        step.monitor = PseudoLabelMonitor(classes, threshold, window=window)
+        step.teacher_monitor = PseudoLabelMonitor(
+            classes, threshold, window=window, prefix="pl_teacher"
         )
     result = loop.run(step)
     results = {

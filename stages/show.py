@@ -86,9 +86,10 @@ def show_train_log(path: Path) -> None:
         for key in loss_keys(train):
             last = next(e for e in reversed(train) if key in e)
             rows[f"{key} (step {last['step']})"] = f"{last[key]:.4f}"
-        pl = [e for e in train if isinstance(e.get("pl_mIoU"), int | float)]
-        if pl:
-            rows[f"pl_mIoU (step {pl[-1]['step']})"] = f"{pl[-1]['pl_mIoU']:.1f}"
+        for key in ("pl_mIoU", "pl_teacher_mIoU"):
+            pl = [e for e in train if isinstance(e.get(key), int | float)]
+            if pl:
+                rows[f"{key} (step {pl[-1]['step']})"] = f"{pl[-1][key]:.1f}"
     if val:
         best = max(val, key=lambda e: e["val_mIoU"])
         rows["val mIoU (last)"] = f"{val[-1]['val_mIoU']:.1f} at step {val[-1]['step']}"

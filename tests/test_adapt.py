@@ -365,6 +365,8 @@ def test_adapt_cpsl_runs_all_terms_and_fills_the_bank(
     log = [json.loads(x) for x in (tmp_path / "c" / "train_log.jsonl").read_text().splitlines()]
     steps = [e for e in log if "ce_labelled" in e]
     assert len(steps) == 4 and all(e["sl"] > 0 and e["reg"] >= 0 for e in steps)
+    # the rectified labels (pl_) and the teacher's own, before the rectification (pl_teacher_)
+    assert all(0 <= e["pl_teacher_mIoU"] <= 100 and "road" in e["pl_teacher_IoU"] for e in steps)
     method = load_checkpoint(tmp_path / "c" / "last.pt")["train_state"]["modules"]["method"]
     # the tiny model's feature grid of a 32x32 crop is 1x1 (stride 32): 4 steps x 2 images x 1
     # sample = 8 rows pushed into a 5-row bank, which is full and has wrapped

@@ -61,3 +61,14 @@ def test_adapt_logs_the_pseudo_labels_worth_when_the_target_has_labels(
     steps = [e for e in map(json.loads, lines) if "ce_unlabelled" in e]
     assert steps and all(0 <= e["pl_mIoU"] <= 100 and 0 <= e["pl_confident"] <= 100 for e in steps)
     assert all(set(e["pl_IoU"]) >= {"road", "car"} for e in steps)
+    # `none` keeps the teacher's labels: no second, identical pl_teacher_ series
+    assert not any(k.startswith("pl_teacher") for e in steps for k in e)
+
+
+def test_a_prefixed_monitor_names_every_key_with_it():
+    m = PseudoLabelMonitor(["a", "b"], threshold=0.5, window=1, prefix="pl_teacher")
+    m.update(torch.tensor([[[0, 255]]]), torch.ones(1, 1, 2), torch.tensor([[[0, 1]]]))
+    assert m.summary() == {
+        "pl_teacher_confident": 100.0, "pl_teacher_mIoU": 100.0,
+        "pl_teacher_confident_acc": 50.0, "pl_teacher_ignored": 50.0,
+    }  # fmt: skip

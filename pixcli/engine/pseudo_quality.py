@@ -14,6 +14,11 @@ Pixels without a true label (255, padding) are left out, and so are pixels the m
 without a pseudo label (255: CPSL's and distillation's unconfident pixels; they are not
 trained on): ``pl_ignored`` is their share of the labelled pixels, reported when there are
 any. On a stream without labels the monitor reports nothing.
+
+The loop keeps a second monitor with ``prefix = "pl_teacher"`` for the teacher's own labels
+before the method's hook, fed only on steps where the method changed them: with CPSL,
+``pl_teacher_mIoU`` against ``pl_mIoU`` says whether the rectification made the labels better
+or worse.
 """
 
 from __future__ import annotations
@@ -31,8 +36,11 @@ from pixcli.engine.metrics import confusion_matrix
 class PseudoLabelMonitor:
     """Sliding-window confusion of pseudo labels against true labels."""
 
-    def __init__(self, class_names: Sequence[str], threshold: float, window: int = 20) -> None:
+    def __init__(
+        self, class_names: Sequence[str], threshold: float, window: int = 20, prefix: str = "pl"
+    ) -> None:
         self.class_names = list(class_names)
+        self.prefix = prefix  # of every key: pl_mIoU, pl_confident, ... (pl_IoU per class)
         self.threshold = threshold
         self.steps: deque[tuple[Tensor, int, int, int, int]] = deque(maxlen=max(1, window))
 
@@ -65,15 +73,15 @@ class PseudoLabelMonitor:
         known = sum(s[1] for s in self.steps)
         confident = sum(s[2] for s in self.steps)
         correct = sum(s[3] for s in self.steps)
-        out = {"pl_confident": 100.0 * confident / known}
+        out = {"confident": 100.0 * confident / known}
         if not np.isnan(iou).all():  # every pixel left without a pseudo label: no mIoU
-            out["pl_mIoU"] = float(np.nanmean(iou))
+            out["mIoU"] = float(np.nanmean(iou))
         if confident:
-            out["pl_confident_acc"] = 100.0 * correct / confident
+            out["confident_acc"] = 100.0 * correct / confident
         ignored = sum(s[4] for s in self.steps)
         if ignored:
-            out["pl_ignored"] = 100.0 * ignored / known
-        return out
+            out["ignored"] = 100.0 * ignored / known
+        return {f"{self.prefix}_{k}": v for k, v in out.items()}
 
     def per_class(self) -> dict[str, float | None]:
         """IoU per class over the window (None for a class absent from it)."""

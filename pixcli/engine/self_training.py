@@ -171,6 +171,9 @@ class SelfTrainingStep:
         # the pseudo labels' worth against the unlabelled stream's own labels, when it has
         # them (set by the stage; pixcli.engine.pseudo_quality)
         self.monitor: PseudoLabelMonitor | None = None
+        # the same for the loop's own labels (the teacher's argmax), fed only on steps where
+        # the method's hook changed them (CPSL's rectification, distillation's labels)
+        self.teacher_monitor: PseudoLabelMonitor | None = None
         self._upcoming: dict | None = None  # an unlabelled batch drawn ahead (_recoloured)
         self.fd: ImageNetFeatureDistance | None = None
         if cfg.feature_distance > 0:
@@ -218,16 +221,19 @@ class SelfTrainingStep:
         self.method.after_step(ctx)
         logs = {k: float(v.detach()) for k, v in losses.items()}
         logs.update({k: float(v) for k, v in ctx.extras.items()})
-        if self.monitor is not None:
-            logs.update(self.monitor.summary())
+        for monitor in (self.monitor, self.teacher_monitor):
+            if monitor is not None:
+                logs.update(monitor.summary())
         return logs
 
     def diagnostics(self) -> dict:
         """What the loop adds to a logged step's ``train_log.jsonl`` line besides the losses:
         the pseudo labels' IoU per class over the monitor's window."""
-        if self.monitor is None or not self.monitor.steps:
-            return {}
-        return {"pl_IoU": self.monitor.per_class()}
+        out = {}
+        for monitor in (self.monitor, self.teacher_monitor):
+            if monitor is not None and monitor.steps:
+                out[f"{monitor.prefix}_IoU"] = monitor.per_class()
+        return out
 
     def observe_pseudo_labels(self, ctx: StepContext, batch: dict, valid: Tensor | None) -> None:
         """Feed the monitor this step's (hooked) pseudo labels against ``batch``'s labels."""
@@ -239,6 +245,10 @@ class SelfTrainingStep:
                 label = label.masked_fill(~valid, IGNORE_INDEX)
             confidence = ctx.teacher_logits.float().softmax(1).amax(1)
             self.monitor.update(ctx.pseudo_label, confidence, label)
+            hooked = ctx.loop_label is not None and ctx.loop_label is not ctx.pseudo_label
+            if self.teacher_monitor is not None and hooked:
+                assert ctx.loop_label is not None
+                self.teacher_monitor.update(ctx.loop_label, confidence, label)
 
     def _next_unlabelled(self) -> dict:
         """The next unlabelled batch (the one :meth:`_recoloured` took the colours of, when
@@ -302,6 +312,7 @@ class SelfTrainingStep:
                 )
             labels, weights = weak_view_pseudo_labels(ctx.teacher_logits.softmax(1), self.cfg)
         ctx.pseudo_label, ctx.pseudo_weight = labels, weights
+        ctx.loop_label = labels
         labels, weights = self.method.target_labels(ctx)
         ctx.pseudo_label, ctx.pseudo_weight = labels, weights
         self.observe_pseudo_labels(ctx, batch, inside_image(ctx.unlabelled_geometry).to(dev))

@@ -168,6 +168,7 @@ class UniMatchStep(SelfTrainingStep):
             ctx.pseudo_label, ctx.pseudo_weight = confident_pseudo_labels(
                 ctx.teacher_logits.softmax(1), self.semi.confidence_threshold, valid
             )
+        ctx.loop_label = ctx.pseudo_label
         ctx.pseudo_label, ctx.pseudo_weight = self.method.target_labels(ctx)
         return valid
 

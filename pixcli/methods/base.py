@@ -80,6 +80,9 @@ class StepContext:
     teacher_output: SegOutput | None = None  # teacher's raw output on the weak view
     pseudo_label: Tensor | None = None  # (B, H, W) after the method's hook
     pseudo_weight: Tensor | None = None  # (B, H, W)
+    # the loop's own pseudo labels before the method's hook (the teacher's argmax); the
+    # pseudo-label monitor compares them with the hooked ones when a method changes them
+    loop_label: Tensor | None = None
     mix_mask: Tensor | None = None
     mixed_image: Tensor | None = None  # the unlabelled crop, mixed + strong (student_input)
     mixed_label: Tensor | None = None  # (B, H, W) labels of mixed_image (mixed pseudo labels)
