@@ -282,6 +282,48 @@ def collect(study: Study) -> tuple[list[str], list[list[str]], dict]:
     return ["model", "seeds", "mIoU", "gap %", *classes], rows, raw
 
 
+LABEL_KEYS = ("pl_mIoU", "pl_teacher_mIoU", "pl_confident")
+
+
+def run_dir(study: Study, seed: int, name: str) -> Path:
+    """Where the training run of a table row lives: adapt-NAME, or distill-cpsl[-X]."""
+    d = study.seed_dir(seed)
+    if name.startswith("cpsl+distill"):
+        return d / f"distill-cpsl{name.removeprefix('cpsl+distill')}"
+    return d / f"adapt-{name}"
+
+
+def last_label_worth(run: Path) -> dict[str, float]:
+    """The pseudo-label figures (:data:`LABEL_KEYS`) of a run's last logged step; a
+    distillation's from its last round. Empty when the run logged none."""
+    logs = sorted(run.glob("**/train_log.jsonl")) if run.is_dir() else []
+    out: dict[str, float] = {}
+    if not logs:
+        return out
+    for line in logs[-1].read_text().splitlines():
+        entry = json.loads(line)
+        found = {k: entry[k] for k in LABEL_KEYS if isinstance(entry.get(k), int | float)}
+        out.update({k: float(v) for k, v in found.items()})
+    return out
+
+
+def label_rows(study: Study) -> list[list[str]]:
+    """Per model, mean +- std over seeds of what its pseudo labels were worth at the end:
+    the labels the student trained on, the teacher's own (where the method changed them),
+    and the teacher's confident share."""
+    names = [*study.methods]
+    if "cpsl" in study.methods and not study.a.no_distill:
+        names += ["cpsl+distill", *(f"cpsl+distill-{n}" for n in study.distill_variants)]
+    rows = []
+    for n in names:
+        runs = [last_label_worth(run_dir(study, s, n)) for s in range(study.a.seeds)]
+        runs = [r for r in runs if r]
+        if runs:
+            cells = [mean_std([r[k] for r in runs if k in r]) for k in LABEL_KEYS]
+            rows.append([n, str(len(runs)), *cells])
+    return rows
+
+
 def _of(runs: list[dict], seed: int) -> float | None:
     """The mIoU of ``seed``'s run in ``runs`` (the warm-up and oracle: their one run)."""
     for r in runs:
@@ -320,6 +362,13 @@ def main() -> None:
     md = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     md += ["| " + " | ".join(r) + " |" for r in rows]
     text = title + "\n\n" + "\n".join(md) + "\n"
+    labels = label_rows(study)
+    if labels:  # the target has labels (every built-in benchmark): what the labels were worth
+        head = ["model", "seeds", "labels' mIoU", "teacher's labels' mIoU", "confident %"]
+        text += ("\nThe pseudo labels on the target train images at each run's last logged "
+                 "step (train_log.jsonl):\n\n| " + " | ".join(head) + " |\n|"
+                 + "---|" * len(head) + "\n")  # fmt: skip
+        text += "".join("| " + " | ".join(r) + " |\n" for r in labels)
     print(text)
     (study.work / "quality.md").write_text(text)
     (study.work / "quality.json").write_text(json.dumps(raw, indent=1))

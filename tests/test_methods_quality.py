@@ -117,3 +117,23 @@ def test_the_figure_has_a_panel_per_study(study, tmp_path: Path, capsys):
     with pytest.raises(SystemExit) as bad:
         methods_figure.main([str(tmp_path / "nothing"), "--out", str(out)])
     assert bad.value.code == 2 and "quality.json: missing" in capsys.readouterr().err
+
+
+def test_the_labels_table_takes_each_runs_last_logged_figures(study, tmp_path: Path):
+    def log(run: Path, *entries: dict) -> None:
+        run.mkdir(parents=True)
+        (run / "train_log.jsonl").write_text("".join(json.dumps(e) + "\n" for e in entries))
+
+    for seed, last in enumerate([40.0, 44.0]):
+        log(tmp_path / f"seed{seed}" / "adapt-none",
+            {"step": 10, "pl_mIoU": 10.0, "pl_confident": 30.0},
+            {"step": 20, "pl_mIoU": last, "pl_confident": 50.0},
+            {"step": 20, "val_mIoU": 99.0})  # fmt: skip
+    log(tmp_path / "seed0" / "adapt-flip", {"step": 20, "pl_mIoU": 30.0, "pl_teacher_mIoU": 35.0})
+    rows = {r[0]: r for r in methods_quality.label_rows(study)}
+    # none: the last pl_mIoU of each seed (40, 44) -> 42 ± 2.8; no teacher's series logged
+    assert rows["none"] == ["none", "2", "42.0 ± 2.8", "-", "50.0 ± 0.0"]
+    assert rows["flip"] == ["flip", "1", "30.0 ± 0.0", "35.0 ± 0.0", "-"]
+    run = tmp_path / "seed0" / "distill-cpsl"
+    assert methods_quality.run_dir(study, 0, "cpsl+distill") == run
+    assert methods_quality.last_label_worth(run) == {}  # not run: no row
