@@ -228,13 +228,17 @@ def mean_std(values: list[float]) -> str:
     return f"{statistics.fmean(values):.1f} ± {std:.1f}"
 
 
+def trained_models(study: Study) -> list[str]:
+    """The table's rows that each seed trains: the methods, then the distillation rounds."""
+    names = [*study.methods]
+    if "cpsl" in study.methods and not study.a.no_distill:
+        names += ["cpsl+distill", *(f"cpsl+distill-{n}" for n in study.distill_variants)]
+    return names
+
+
 def collect(study: Study) -> tuple[list[str], list[list[str]], dict]:
     """The table: model, seeds run, mIoU mean +- std, gap share, per-class mean IoU."""
-    names = ["warmup", *study.methods]
-    if "cpsl" in study.methods and not study.a.no_distill:
-        names.append("cpsl+distill")
-        names += [f"cpsl+distill-{n}" for n in study.distill_variants]
-    names.append("oracle")
+    names = ["warmup", *trained_models(study), "oracle"]
     per: dict[str, list[dict]] = {n: [] for n in [*names, "plain source-only", "plain oracle",
                                                   "plain self-training"]}  # fmt: skip
     classes: list[str] = []
@@ -311,11 +315,8 @@ def label_rows(study: Study) -> list[list[str]]:
     """Per model, mean +- std over seeds of what its pseudo labels were worth at the end:
     the labels the student trained on, the teacher's own (where the method changed them),
     and the teacher's confident share."""
-    names = [*study.methods]
-    if "cpsl" in study.methods and not study.a.no_distill:
-        names += ["cpsl+distill", *(f"cpsl+distill-{n}" for n in study.distill_variants)]
     rows = []
-    for n in names:
+    for n in trained_models(study):
         runs = [last_label_worth(run_dir(study, s, n)) for s in range(study.a.seeds)]
         runs = [r for r in runs if r]
         if runs:

@@ -245,10 +245,11 @@ class SelfTrainingStep:
                 label = label.masked_fill(~valid, IGNORE_INDEX)
             confidence = ctx.teacher_logits.float().softmax(1).amax(1)
             self.monitor.update(ctx.pseudo_label, confidence, label)
-            hooked = ctx.loop_label is not None and ctx.loop_label is not ctx.pseudo_label
-            if self.teacher_monitor is not None and hooked:
-                assert ctx.loop_label is not None
-                self.teacher_monitor.update(ctx.loop_label, confidence, label)
+            loop_label, teacher = ctx.loop_label, self.teacher_monitor
+            changed = loop_label is not None and loop_label is not ctx.pseudo_label
+            if teacher is not None and changed:  # the method's hook changed the labels
+                assert loop_label is not None
+                teacher.update(loop_label, confidence, label)
 
     def _next_unlabelled(self) -> dict:
         """The next unlabelled batch (the one :meth:`_recoloured` took the colours of, when
